@@ -1,0 +1,53 @@
+# optiscope: two commands do everything (`make demo`, `make test`); each sets itself up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The CPU build on this machine; CUDA users override, e.g. TORCH_SPEC='torch==2.13.0 --index-url ...'
+TORCH_SPEC ?= torch==2.13.0
+DEBIAN_DATA := dataset-fashion-mnist fortunes
+STAMP := $(VENV)/.optiscope-installed
+OUT ?= runs/demo
+
+.PHONY: setup data demo test test-all bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@# torch first, pinned, so that pip never resolves a multi-GB CUDA build for the package's "torch>=2.4"
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
+	@$(PIP) install -q -e '.[dev]'
+	@touch $(STAMP)
+
+# Debian data packages (DESIGN.md "Data available offline"); installed when missing and we are root.
+data:
+	@missing=""; for p in $(DEBIAN_DATA); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    echo "installing Debian data packages:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
+	  else echo "warning: Debian packages missing:$$missing (run as root or: sudo apt-get install -y$$missing)"; fi; \
+	fi
+
+demo: setup data
+	$(VENV)/bin/optiscope demo --out $(OUT)
+
+test: setup data
+	$(PY) -m pytest
+
+test-all: setup data
+	$(PY) -m pytest -m ""
+
+bench: setup data
+	@$(PIP) install -q -e '.[bench]' || echo "warning: some benchmark baselines failed to install; they will be skipped"
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Command-line interface (typer). Thin: parses arguments and calls experiments / lab."""

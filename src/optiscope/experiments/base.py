@@ -1,0 +1,162 @@
+"""Experiment registry and runner (DESIGN.md "Experiment").
+
+An experiment is one module in ``optiscope.experiments`` that registers a run function::
+
+    @dataclass(frozen=True)
+    class MyConfig(Config):
+        seed: int = 0
+        steps: int = 100
+        def validate(self): require(self.steps > 0, "steps", self.steps, "> 0")
+
+    @register("my_experiment", paper="004", title="...", config=MyConfig,
+              presets={"quick": MyConfig(), "full": MyConfig(steps=10_000)})
+    def run(config: MyConfig, store: RunStore) -> Result:
+        ...
+        return Result(claims=[Claim("c1", "what the seed claims", paper=..., measured=..., holds=...)],
+                      metrics={...})
+
+``run_experiment`` resolves the preset, applies overrides, writes ``config.yaml`` and ``manifest.json``, calls the
+function and writes ``results.json`` with the shape
+``{"experiment", "preset", "seed", "claims": [{"id", "claim", "paper", "measured", "holds"}], "metrics": {...}}``.
+A claim that does not reproduce is reported with ``holds=False``, never tuned away.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from optiscope.lab.store import RunStore
+from optiscope.utils.config import Config, ConfigError
+
+
+@dataclass
+class Claim:
+    """One claim of a seed: what the paper reports, what we measured, and whether it holds (True/False/None)."""
+
+    id: str
+    claim: str
+    paper: Any
+    measured: Any
+    holds: bool | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "claim": self.claim, "paper": self.paper, "measured": self.measured,
+                "holds": None if self.holds is None else bool(self.holds)}
+
+
+@dataclass
+class Result:
+    claims: list[Claim] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    name: str
+    paper: str
+    title: str
+    config: type[Config]
+    presets: Mapping[str, Config]
+    fn: Callable[[Config, RunStore], Result]
+    description: str = ""
+
+
+_REGISTRY: dict[str, ExperimentSpec] = {}
+_DISCOVERED = False
+
+
+def register(name: str, *, paper: str, title: str, config: type[Config], presets: Mapping[str, Config]):
+    """Decorator registering ``fn(config, store) -> Result`` under ``name`` (presets must include quick and full)."""
+    missing = {"quick", "full"} - set(presets)
+    if missing:
+        raise ValueError(f"experiment {name!r}: presets {sorted(missing)} are missing")
+    for p, cfg in presets.items():
+        if not isinstance(cfg, config):
+            raise TypeError(f"experiment {name!r}: preset {p!r} is not a {config.__name__}")
+        if "seed" not in config.field_names():
+            raise TypeError(f"experiment {name!r}: config {config.__name__} needs a 'seed' field")
+
+    def deco(fn):
+        if name in _REGISTRY and _REGISTRY[name].fn.__module__ != fn.__module__:
+            raise ValueError(f"experiment name {name!r} is registered twice")
+        _REGISTRY[name] = ExperimentSpec(name, paper, title, config, dict(presets), fn, (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def discover() -> None:
+    """Import every module of ``optiscope.experiments`` so that their ``register`` calls run."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    import optiscope.experiments as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_") and mod.name != "base":
+            importlib.import_module(f"optiscope.experiments.{mod.name}")
+    _DISCOVERED = True
+
+
+def registry() -> dict[str, ExperimentSpec]:
+    discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get(name: str) -> ExperimentSpec:
+    reg = registry()
+    if name not in reg:
+        raise KeyError(f"unknown experiment {name!r}; valid: {', '.join(reg)}")
+    return reg[name]
+
+
+def resolve_config(name: str, preset: str = "quick", overrides: Iterable[str] = (),
+                   config_file: str | Path | None = None) -> Config:
+    spec = get(name)
+    if preset not in spec.presets:
+        raise ConfigError(f"unknown preset {preset!r} for {name}; valid: {', '.join(spec.presets)}")
+    cfg = spec.presets[preset]
+    if config_file is not None:
+        cfg = spec.config.from_file(config_file, base=cfg)
+    return cfg.with_overrides(list(overrides))
+
+
+def run_experiment(name: str, preset: str = "quick", out: str | Path | None = None,
+                   overrides: Iterable[str] = (), config: Config | None = None,
+                   config_file: str | Path | None = None) -> RunStore:
+    """Run a registered experiment into ``out`` (default ``runs/NAME-PRESET``); return its RunStore."""
+    spec = get(name)
+    cfg = config if config is not None else resolve_config(name, preset, overrides, config_file)
+    store = RunStore(out or Path("runs") / f"{name}-{preset}")
+    store.write_config(cfg)
+    store.set_status("running", experiment=name, preset=preset, seed=getattr(cfg, "seed", None),
+                     paper=spec.paper, started=time.time())
+    t0 = time.perf_counter()
+    try:
+        result = spec.fn(cfg, store)
+    except BaseException as exc:
+        store.set_status("failed", error=f"{type(exc).__name__}: {exc}",
+                         traceback=traceback.format_exc(limit=20), seconds=time.perf_counter() - t0)
+        raise
+    if not isinstance(result, Result):
+        raise TypeError(f"experiment {name!r} returned {type(result).__name__}, expected Result")
+    results = {
+        "experiment": name,
+        "preset": preset,
+        "seed": getattr(cfg, "seed", None),
+        "claims": [c.to_dict() for c in result.claims],
+        "metrics": result.metrics,
+    }
+    store.write_results(results)
+    store.set_status("finished", seconds=time.perf_counter() - t0)
+    return store
+
+
+__all__ = ["Claim", "Result", "ExperimentSpec", "register", "registry", "get", "resolve_config", "run_experiment"]

@@ -1,0 +1,94 @@
+"""``report.md`` (and ``report.html``) for a run directory: status, verdicts table, headline metrics, figures."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from optiscope.lab.store import RunStore, StoreError
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    if isinstance(x, (dict, list)):
+        s = json.dumps(x, default=str)
+        return s if len(s) <= 120 else s[:117] + "..."
+    return str(x)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and len(v) <= 40:
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def render_markdown(store: RunStore) -> str:
+    lines: list[str] = []
+    try:
+        manifest = store.read_manifest()
+    except StoreError as e:
+        manifest = {"status": f"unreadable ({e})"}
+    try:
+        results = store.read_results() if store.path("results.json").exists() else None
+    except StoreError as e:
+        results = None
+        lines.append(f"> results.json unreadable: {e}\n")
+    title = (results or {}).get("experiment") or manifest.get("experiment") or store.root.name
+    lines.append(f"# {title}\n")
+    lines.append(f"- status: **{manifest.get('status', 'unknown')}**")
+    for k in ("preset", "seed", "paper", "seconds"):
+        if k in manifest:
+            lines.append(f"- {k}: {_fmt(manifest[k])}")
+    env = manifest.get("environment", {})
+    if env:
+        lines.append(f"- torch {env.get('torch')}, python {env.get('python')}, git {env.get('git')}")
+    lines.append("")
+    if results and results.get("claims"):
+        lines.append("## Claims\n")
+        lines.append("| id | claim | paper | measured | holds |")
+        lines.append("|---|---|---|---|---|")
+        for c in results["claims"]:
+            holds = {True: "yes", False: "**no**", None: "n/a"}[c.get("holds")]
+            cells = [c.get("id", ""), c.get("claim", ""), _fmt(c.get("paper")), _fmt(c.get("measured")), holds]
+            lines.append("| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |")
+        lines.append("")
+    if results and results.get("metrics"):
+        lines.append("## Metrics\n")
+        for k, v in _flatten(results["metrics"])[:200]:
+            lines.append(f"- `{k}`: {_fmt(v)}")
+        lines.append("")
+    figs = sorted(store.path("figures").glob("*.png")) if store.path("figures").is_dir() else []
+    if figs:
+        lines.append("## Figures\n")
+        for f in figs:
+            lines.append(f"![{f.stem}](figures/{f.name})\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(store: RunStore | str | Path) -> Path:
+    """Write ``report.md`` and a minimal ``report.html`` into the run directory; return the Markdown path."""
+    if not isinstance(store, RunStore):
+        store = RunStore.open(store)
+    md = render_markdown(store)
+    path = store.write_text("report.md", md)
+    body = []
+    for line in md.splitlines():
+        if line.startswith("![") and "](" in line:
+            src = line.split("](", 1)[1].rstrip(")")
+            body.append(f'<p><img src="{html.escape(src)}" style="max-width:900px"></p>')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        else:
+            body.append(f"<div>{html.escape(line)}</div>" if line.strip() else "")
+    store.write_text("report.html", "<!doctype html><meta charset='utf-8'><body style='font-family:sans-serif'>"
+                     + "\n".join(body) + "</body>")
+    return path
