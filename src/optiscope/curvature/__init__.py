@@ -1,1 +1,21 @@
-"""optiscope.curvature"""
+"""optiscope.curvature: the Hessian of a loss as a linear operator (issue 2 §2).
+
+``Hessian(model, loss_fn, data, params=None)`` and ``Hessian.from_function(f, params)``; see
+``docs/architecture.md`` ("curvature") for the API contract.
+"""
+
+from optiscope.curvature.hessian import (
+    BlockNormResult,
+    DensityResult,
+    DiagonalBlockResult,
+    DiagonalEstimate,
+    DiagonalResult,
+    EigenResult,
+    Hessian,
+    TraceResult,
+)
+
+__all__ = [
+    "Hessian", "DiagonalResult", "DiagonalBlockResult", "DiagonalEstimate", "EigenResult", "TraceResult",
+    "DensityResult", "BlockNormResult",
+]

@@ -1,0 +1,822 @@
+"""The Hessian of a loss as a linear operator on parameter dicts (issue 2 §2; DESIGN.md "Core contracts").
+
+``H = nabla^2 L(theta)`` with ``L(theta) = (1/N) sum_i loss_i(theta)`` the exact mean over all samples of the data
+(each batch weighted by its size), or of any scalar function of a parameter dict (:meth:`Hessian.from_function`).
+Every estimator is built on one primitive, the Hessian-vector product ``v -> H v``:
+
+* forward-over-reverse ``jvp(grad L)(theta; v)`` through :mod:`torch.func` (one forward + one backward pass carried
+  in dual numbers), with an automatic fallback to reverse-over-reverse ``vjp(grad L)(theta)(v)`` for models whose
+  ops lack forward-mode derivatives. The mode actually used is ``Hessian.hvp_mode``;
+* batches of vectors through ``vmap`` in chunks whose size is bounded by a memory budget
+  (``Hessian.chunk_size``), falling back to a loop if an op has no batching rule.
+
+Every result reports ``n_hvp``, the number of Hessian-vector products (over the full data) it used, so estimators
+are comparable by cost. ``Hessian.n_hvp`` counts all of them since construction.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vjp, vmap
+
+from optiscope.curvature._problem import LossFunction
+
+__all__ = [
+    "Hessian", "DiagonalResult", "DiagonalBlockResult", "DiagonalEstimate", "EigenResult", "TraceResult",
+    "DensityResult", "BlockNormResult",
+]
+
+DEFAULT_DENSE_MAX_DIM = 6000
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# results
+@dataclass
+class DiagonalResult:
+    """Exact diagonal entries ``H_ii = e_i^T H e_i`` at sampled flat indices, per parameter."""
+    values: dict[str, Tensor]
+    coords: dict[str, Tensor]
+    n_hvp: int
+
+
+@dataclass
+class DiagonalBlockResult:
+    """The sampled principal sub-block ``H[I, I]``; ``index[name]`` is the slice of ``I`` belonging to ``name``."""
+    matrix: Tensor
+    index: dict[str, slice]
+    coords: dict[str, Tensor]
+    n_hvp: int
+
+
+@dataclass
+class DiagonalEstimate:
+    """Hutchinson estimate of the full diagonal with per-entry standard errors."""
+    mean: dict[str, Tensor]
+    stderr: dict[str, Tensor]
+    n_probes: int
+    n_hvp: int
+
+
+@dataclass
+class EigenResult:
+    """Extreme eigenpairs. ``values`` sorted by ``which``; ``residuals[i] = ||A y_i - lambda_i y_i||``."""
+    values: np.ndarray
+    vectors: list[dict[str, Tensor]]
+    n_hvp: int
+    converged: bool
+    residuals: np.ndarray
+    method: str
+    which: str
+    history: list[float] = field(default_factory=list)
+
+
+@dataclass
+class TraceResult:
+    value: float
+    stderr: float
+    n_hvp: int
+    method: str
+
+
+@dataclass
+class DensityResult:
+    """Stochastic Lanczos quadrature. ``nodes``/``weights``: [n_probes, n_lanczos]; ``density`` on ``grid``."""
+    nodes: np.ndarray
+    weights: np.ndarray
+    grid: np.ndarray
+    density: np.ndarray
+    sigma: float
+    n_hvp: int
+
+    def moment(self, j: int) -> float:
+        """SLQ estimate of ``tr(H^j) / n``: ``mean_probes sum_k weights_k nodes_k^j``."""
+        return float(np.mean(np.sum(self.weights * self.nodes ** j, axis=1)))
+
+
+@dataclass
+class BlockNormResult:
+    """Per pair of layers ``(a, b)`` the Frobenius norm ``||H_ab||_F`` (seed 002 §4, Theorem 10)."""
+    layers: list[str]
+    frobenius: np.ndarray
+    diagonal_total: float
+    offdiagonal_total: float
+    gershgorin: float
+    exact: bool
+    n_hvp: int
+    gershgorin_entrywise: float | None = None
+    frobenius_sq_stderr: np.ndarray | None = None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def _rademacher(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype, device) -> Tensor:
+    return (torch.randint(0, 2, shape, generator=generator).to(dtype) * 2 - 1).to(device)
+
+
+def _generator(seed: int) -> torch.Generator:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+_FWD_AD_HINTS = ("forward ad", "forward-mode", "forward mode", "jvp", "_fw_", "not implemented", "derivative for")
+
+
+class Hessian:
+    """Hessian of the mean loss of ``model`` on ``data`` as a linear operator on parameter dicts.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Evaluated with :func:`torch.func.functional_call`; never modified (parameters, BatchNorm running statistics,
+        global RNG are left exactly as they were). The Hessian is taken at a snapshot of the parameters made here.
+    loss_fn : callable ``(outputs, targets) -> scalar Tensor``
+        A mean loss over the batch (e.g. ``nn.CrossEntropyLoss()``).
+    data : ``(inputs, targets)`` or an iterable of such batches
+        ``L = sum_b (n_b / N) L_b``: the exact mean over all samples.
+    params : list of parameter names, optional
+        The subset to differentiate (the rest are held fixed). Default: all parameters that require grad.
+    chunk_size : int, optional
+        Vectors per ``vmap`` call in :meth:`hvp_batch`; default derived from ``memory_budget_mb``.
+    memory_budget_mb : float
+        Memory allowed for one batched HVP call (used when ``chunk_size`` is None).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Any,
+                 params: Iterable[str] | None = None, chunk_size: int | None = None,
+                 memory_budget_mb: float = 512.0, *, _problem: LossFunction | None = None):
+        problem = _problem if _problem is not None else LossFunction.from_model(model, loss_fn, data, params)
+        self._init(problem, chunk_size, memory_budget_mb)
+        self._module_of = {n: n.rsplit(".", 1)[0] if "." in n else n for n in self.param_names}
+
+    @classmethod
+    def from_function(cls, f: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor],
+                      chunk_size: int | None = None, memory_budget_mb: float = 512.0) -> "Hessian":
+        """Hessian of an arbitrary scalar function ``f(params_dict) -> Tensor`` at ``params`` (a dict of tensors)."""
+        problem = LossFunction.from_function(f, params)
+        return cls(None, None, None, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb,
+                   _problem=problem)
+
+    def _init(self, problem: LossFunction, chunk_size: int | None, memory_budget_mb: float) -> None:
+        if chunk_size is not None:
+            _check_int("chunk_size", chunk_size, 1)
+        if not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0):
+            raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb!r}")
+        self._problem = problem
+        self.param_names: list[str] = list(problem.names)
+        self.params: dict[str, Tensor] = problem.params
+        self.shapes: dict[str, torch.Size] = {n: p.shape for n, p in self.params.items()}
+        self.sizes: dict[str, int] = {n: p.numel() for n, p in self.params.items()}
+        self.numel: int = sum(self.sizes.values())
+        if self.numel == 0:
+            raise ValueError("no trainable parameters: the selected parameters have 0 elements")
+        first = next(iter(self.params.values()))
+        self.dtype = first.dtype
+        self.device = first.device
+        offsets = np.cumsum([0] + [self.sizes[n] for n in self.param_names])
+        self.offsets: dict[str, int] = {n: int(o) for n, o in zip(self.param_names, offsets[:-1])}
+        self.n_hvp = 0
+        self.hvp_mode: str | None = None  # "forward-over-reverse" | "reverse-over-reverse"
+        self._vmap_ok = True
+        self._memory_budget = float(memory_budget_mb) * 2 ** 20
+        self._chunk_size = chunk_size
+        self._loss_value = problem.value()  # validates: scalar and finite
+        self._module_of: dict[str, str] = {n: n for n in self.param_names}
+
+    # ---------------------------------------------------------------------------------------------- basics
+    def loss(self) -> float:
+        """``L(theta)`` (the exact mean over all batches)."""
+        return self._loss_value
+
+    def gradient(self) -> dict[str, Tensor]:
+        """``nabla L(theta)`` as a parameter dict."""
+        out = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        with self._problem.context():
+            for i, (w, term) in enumerate(self._problem.terms):
+                g = grad(lambda p, i=i, term=term: self._problem.check_term(i, term(p)))(self.params)
+                for n in out:
+                    out[n] += w * g[n]
+        return out
+
+    @property
+    def chunk_size(self) -> int:
+        """Vectors per vmap call: given, or ``memory_budget / (bytes per vector)`` estimated from one backward."""
+        if self._chunk_size is None:
+            self._chunk_size = self._estimate_chunk()
+        return self._chunk_size
+
+    def _estimate_chunk(self) -> int:
+        saved = [0]
+
+        def pack(t: Tensor) -> Tensor:
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        w, term = max(self._problem.terms, key=lambda t: t[0])
+        with self._problem.context(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = term(params)
+        del loss
+        param_bytes = self.numel * first_element_size(self.params)
+        per_vector = 3 * saved[0] + 6 * param_bytes + 1
+        return int(max(1, min(1024, self._memory_budget // per_vector)))
+
+    # ---------------------------------------------------------------------------------------------- flat helpers
+    def flatten(self, v: Mapping[str, Tensor]) -> Tensor:
+        """Parameter dict -> flat vector in ``param_names`` order (also accepts a leading batch dimension)."""
+        lead = v[self.param_names[0]].shape[: v[self.param_names[0]].dim() - len(self.shapes[self.param_names[0]])]
+        return torch.cat([v[n].reshape(*lead, -1) for n in self.param_names], dim=-1)
+
+    def unflatten(self, x: Tensor) -> dict[str, Tensor]:
+        """Flat vector ``[n]`` or ``[B, n]`` -> parameter dict."""
+        lead = x.shape[:-1]
+        return {n: x[..., self.offsets[n]: self.offsets[n] + self.sizes[n]].reshape(*lead, *self.shapes[n])
+                for n in self.param_names}
+
+    def _check_vector(self, v: Mapping[str, Tensor], batched: bool) -> dict[str, Tensor]:
+        if not isinstance(v, Mapping):
+            raise ValueError(f"v must be a dict name -> Tensor, got {type(v).__name__}")
+        missing = [n for n in self.param_names if n not in v]
+        extra = [n for n in v if n not in self.shapes]
+        if missing or extra:
+            raise ValueError(f"v does not match the parameters: missing {missing}, unknown {extra}")
+        out = {}
+        B = None
+        for n in self.param_names:
+            t = torch.as_tensor(v[n])
+            shape = tuple(t.shape[1:]) if batched else tuple(t.shape)
+            if shape != tuple(self.shapes[n]):
+                what = "[B, *shape]" if batched else "shape"
+                raise ValueError(f"v[{n!r}] has shape {tuple(t.shape)}; expected {what} with shape "
+                                 f"{tuple(self.shapes[n])}")
+            if batched:
+                if B is None:
+                    B = t.shape[0]
+                elif t.shape[0] != B:
+                    raise ValueError(f"V[{n!r}] has batch size {t.shape[0]}, others have {B}")
+            out[n] = t.to(dtype=self.dtype, device=self.device)
+        return out
+
+    # ---------------------------------------------------------------------------------------------- HVP core
+    def _hvp_term(self, index: int, term, v: dict[str, Tensor], mode: str) -> dict[str, Tensor]:
+        def f(p):
+            return self._problem.check_term(index, term(p))
+
+        g = grad(f)
+        if mode == "forward-over-reverse":
+            return jvp(g, (self.params,), (v,))[1]
+        _, pullback = vjp(g, self.params)
+        return pullback(v)[0]
+
+    def _hvp_all(self, v: dict[str, Tensor], mode: str, batched: bool) -> dict[str, Tensor]:
+        out: dict[str, Tensor] | None = None
+        for i, (w, term) in enumerate(self._problem.terms):
+            if batched:
+                fn = vmap(lambda u, i=i, term=term: self._hvp_term(i, term, u, mode), randomness="same")
+                hv = fn(v)
+            else:
+                hv = self._hvp_term(i, term, v, mode)
+            if out is None:
+                out = {n: w * hv[n] for n in self.param_names}
+            else:
+                for n in self.param_names:
+                    out[n] = out[n] + w * hv[n]
+        return {n: t.detach() for n, t in out.items()}
+
+    def _resolve_mode(self) -> None:
+        if self.hvp_mode is not None:
+            return
+        probe = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        with self._problem.context():
+            try:
+                self._hvp_all(probe, "forward-over-reverse", batched=False)
+                self.hvp_mode = "forward-over-reverse"
+                return
+            except (RuntimeError, NotImplementedError) as e:
+                first = e
+            try:
+                self._hvp_all(probe, "reverse-over-reverse", batched=False)
+            except Exception as e2:
+                raise RuntimeError(f"Hessian-vector product failed in both modes: forward-over-reverse: {first}; "
+                                   f"reverse-over-reverse: {e2}") from e2
+        self.hvp_mode = "reverse-over-reverse"
+        self.fallback_reason = str(first).splitlines()[0] if str(first) else type(first).__name__
+
+    def hvp(self, v: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``H v`` for a parameter dict ``v`` (one HVP)."""
+        v = self._check_vector(v, batched=False)
+        self._resolve_mode()
+        with self._problem.context():
+            out = self._hvp_all(v, self.hvp_mode, batched=False)
+        self.n_hvp += 1
+        return out
+
+    def hvp_batch(self, V: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``[H v_1, ..., H v_B]`` for ``V[name]`` of shape ``[B, *shape]``: vmap in memory-bounded chunks."""
+        V = self._check_vector(V, batched=True)
+        B = V[self.param_names[0]].shape[0]
+        if B == 0:
+            return {n: torch.empty(0, *self.shapes[n], dtype=self.dtype, device=self.device)
+                    for n in self.param_names}
+        self._resolve_mode()
+        c = self.chunk_size
+        parts = []
+        with self._problem.context():
+            for s in range(0, B, c):
+                parts.append(self._hvp_chunk({n: t[s:s + c] for n, t in V.items()}))
+        self.n_hvp += B
+        return {n: torch.cat([p[n] for p in parts]) for n in self.param_names}
+
+    def _hvp_chunk(self, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self._vmap_ok:
+            try:
+                return self._hvp_all(V, self.hvp_mode, batched=True)
+            except (RuntimeError, NotImplementedError) as e:
+                self._vmap_ok = False
+                self.vmap_fallback_reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        B = V[self.param_names[0]].shape[0]
+        cols = [self._hvp_all({n: t[b] for n, t in V.items()}, self.hvp_mode, batched=False) for b in range(B)]
+        return {n: torch.stack([c[n] for c in cols]) for n in self.param_names}
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        """Flat ``[B, n] -> [B, n]``: ``H X^T`` row by row."""
+        return self.flatten(self.hvp_batch(self.unflatten(X)))
+
+    def _matvec(self, x: Tensor) -> Tensor:
+        return self.flatten(self.hvp(self.unflatten(x)))
+
+    # ---------------------------------------------------------------------------------------------- coordinates
+    def layers(self, by: str = "param") -> dict[str, list[str]]:
+        """Layer name -> parameter names. ``by="param"``: one tensor per layer; ``"module"``: one module per layer."""
+        if by == "param":
+            return {n: [n] for n in self.param_names}
+        if by == "module":
+            out: dict[str, list[str]] = {}
+            for n in self.param_names:
+                out.setdefault(self._module_of[n], []).append(n)
+            return out
+        raise ValueError(f"by must be 'param' or 'module', got {by!r}")
+
+    def sample_coordinates(self, per_layer: int = 200, seed: int = 0,
+                           layers: Iterable[str] | None = None) -> dict[str, Tensor]:
+        """Uniformly random flat indices (without replacement, sorted) per parameter tensor.
+
+        A parameter with at most ``per_layer`` entries contributes all of them. Each parameter's sample depends only
+        on ``(seed, name)``, so selecting other layers does not change it (seed 000 §3, Eq. (1): 200 coordinates).
+        """
+        per_layer = _check_int("per_layer", per_layer, 1)
+        _check_int("seed", seed, 0)
+        names = self._check_names(layers, "layers")
+        out = {}
+        for n in names:
+            size = self.sizes[n]
+            if size <= per_layer:
+                out[n] = torch.arange(size)
+            else:
+                g = torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(n.encode()))
+                out[n] = torch.sort(torch.randperm(size, generator=g)[:per_layer]).values
+        return out
+
+    def _check_names(self, names: Iterable[str] | None, what: str) -> list[str]:
+        if names is None:
+            return list(self.param_names)
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.shapes]
+        if unknown:
+            raise ValueError(f"unknown parameter name(s) in {what}: {unknown}; known: {self.param_names}")
+        return [n for n in self.param_names if n in set(names)]
+
+    def _check_coords(self, coords: Mapping[str, Any]) -> dict[str, Tensor]:
+        if not isinstance(coords, Mapping) or not coords:
+            raise ValueError("coords must be a non-empty dict name -> flat indices (see sample_coordinates)")
+        self._check_names(list(coords), "coords")
+        out = {}
+        for n in self.param_names:
+            if n not in coords:
+                continue
+            idx = torch.as_tensor(np.asarray(coords[n]) if not isinstance(coords[n], Tensor) else coords[n])
+            if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+                raise ValueError(f"coords[{n!r}] must hold integer flat indices, got dtype {idx.dtype}")
+            idx = idx.reshape(-1).long()
+            if idx.numel() == 0:
+                raise ValueError(f"coords[{n!r}] is empty")
+            bad = idx[(idx < 0) | (idx >= self.sizes[n])]
+            if bad.numel():
+                raise ValueError(f"coords[{n!r}] has out-of-range flat indices {bad[:5].tolist()}; "
+                                 f"valid range is [0, {self.sizes[n]})")
+            out[n] = idx
+        return out
+
+    def _unit_columns(self, flat_idx: Tensor, reduce: Callable[[Tensor, Tensor], Tensor]) -> list[Tensor]:
+        """Apply ``reduce(H[:, chunk]^T as [c, n], chunk)`` over memory-bounded chunks of columns ``flat_idx``."""
+        out = []
+        c = self.chunk_size
+        for s in range(0, flat_idx.numel(), c):
+            chunk = flat_idx[s:s + c]
+            E = torch.zeros(chunk.numel(), self.numel, dtype=self.dtype, device=self.device)
+            E[torch.arange(chunk.numel()), chunk.to(self.device)] = 1
+            out.append(reduce(self._matmat(E), chunk))
+        return out
+
+    def _global(self, coords: dict[str, Tensor]) -> tuple[Tensor, dict[str, slice]]:
+        parts, index, pos = [], {}, 0
+        for n, idx in coords.items():
+            parts.append(idx + self.offsets[n])
+            index[n] = slice(pos, pos + idx.numel())
+            pos += idx.numel()
+        return torch.cat(parts), index
+
+    def diagonal(self, coords: Mapping[str, Any]) -> DiagonalResult:
+        """Exact ``H_ii = e_i^T H e_i`` at the given flat indices per parameter (one HVP column per index)."""
+        coords = self._check_coords(coords)
+        flat, index = self._global(coords)
+        before = self.n_hvp
+        vals = torch.cat(self._unit_columns(
+            flat, lambda cols, chunk: cols[torch.arange(chunk.numel()), chunk.to(self.device)]))
+        return DiagonalResult({n: vals[sl] for n, sl in index.items()}, coords, self.n_hvp - before)
+
+    def diagonal_block(self, coords: Mapping[str, Any]) -> DiagonalBlockResult:
+        """The sampled principal sub-block ``H[I, I]`` (``I`` = all given coordinates, parameter order), exact.
+
+        Needed for the diagonal-domination ratio of seed 000 App. E (see ``metrics.diagonal_dominance``).
+        """
+        coords = self._check_coords(coords)
+        flat, index = self._global(coords)
+        before = self.n_hvp
+        rows = flat.to(self.device)
+        cols = torch.cat(self._unit_columns(flat, lambda c, chunk: c[:, rows]))  # [|I|, |I|]: row j = (H e_{I_j})[I]
+        return DiagonalBlockResult(cols.T.contiguous(), index, coords, self.n_hvp - before)
+
+    def diagonal_estimate(self, n_probes: int = 100, seed: int = 0) -> DiagonalEstimate:
+        """Hutchinson diagonal: ``diag(H) ~ mean_k z_k * (H z_k)`` with Rademacher ``z_k``, per-entry stderr.
+
+        Unbiased since ``E[z_i z_j] = delta_ij``; ``stderr_i = std_k(z_ki (H z_k)_i) / sqrt(n_probes)``.
+        """
+        n_probes = _check_int("n_probes", n_probes, 2)
+        g = _generator(seed)
+        before = self.n_hvp
+        s1 = torch.zeros(self.numel, dtype=torch.float64, device=self.device)
+        s2 = torch.zeros_like(s1)
+        c = self.chunk_size
+        for s in range(0, n_probes, c):
+            b = min(c, n_probes - s)
+            Z = _rademacher((b, self.numel), g, self.dtype, self.device)
+            D = (Z * self._matmat(Z)).double()
+            s1 += D.sum(0)
+            s2 += (D * D).sum(0)
+        mean = s1 / n_probes
+        var = (s2 - n_probes * mean * mean).clamp_min(0) / (n_probes - 1)
+        stderr = (var / n_probes).sqrt()
+        to = lambda x: {n: t.to(self.dtype) for n, t in self.unflatten(x).items()}  # noqa: E731
+        return DiagonalEstimate(to(mean), to(stderr), n_probes, self.n_hvp - before)
+
+    # ---------------------------------------------------------------------------------------------- spectrum
+    def _operator(self, preconditioner: Mapping[str, Tensor] | None) -> Callable[[Tensor], Tensor]:
+        if preconditioner is None:
+            return self._matvec
+        if not isinstance(preconditioner, Mapping):
+            raise ValueError("preconditioner must be a dict name -> positive Tensor (the diagonal of P)")
+        missing = [n for n in self.param_names if n not in preconditioner]
+        if missing:
+            raise ValueError(f"preconditioner is missing parameter(s) {missing}")
+        s = []
+        for n in self.param_names:
+            p = torch.as_tensor(preconditioner[n]).to(dtype=self.dtype, device=self.device)
+            if tuple(p.shape) != tuple(self.shapes[n]):
+                raise ValueError(f"preconditioner[{n!r}] has shape {tuple(p.shape)}, expected {tuple(self.shapes[n])}")
+            if not bool(torch.isfinite(p).all()) or not bool((p > 0).all()):
+                raise ValueError(f"preconditioner[{n!r}] must be finite and > 0 everywhere")
+            s.append(p.reshape(-1).rsqrt())
+        scale = torch.cat(s)
+        return lambda x: scale * self._matvec(scale * x)
+
+    def eigenvalues(self, k: int = 1, which: str = "LA", tol: float = 1e-6, max_iter: int | None = None,
+                    v0: Mapping[str, Tensor] | Tensor | None = None, method: str = "lanczos",
+                    preconditioner: Mapping[str, Tensor] | None = None, seed: int = 0) -> EigenResult:
+        """``k`` extreme eigenpairs of ``H`` (or of ``P^{-1/2} H P^{-1/2}`` with ``preconditioner=P``).
+
+        ``which``: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude.
+        ``method="lanczos"``: Lanczos with full reorthogonalisation (classical Gram-Schmidt applied twice); stops when
+        every wanted Ritz pair has residual ``||A y - theta y|| = beta_m |s_m| <= tol * |theta|``; on breakdown
+        (an invariant subspace) it continues from a fresh random vector, so repeated eigenvalues are found.
+        ``method="power"``: power iteration with deflation as in PyHessian (``which="LM"`` only); stops when the
+        Rayleigh quotient changes by less than ``tol`` relatively. ``max_iter`` bounds the HVPs per run (default
+        ``min(n, 300)`` for Lanczos, 1000 for power). ``v0``: start vector (warm start), default random (``seed``).
+        """
+        k = _check_int("k", k, 1)
+        if k > self.numel:
+            raise ValueError(f"k = {k} is larger than the dimension {self.numel} of the Hessian")
+        if which not in ("LA", "SA", "LM"):
+            raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}")
+        if method not in ("lanczos", "power"):
+            raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+        if not (isinstance(tol, (int, float)) and tol > 0):
+            raise ValueError(f"tol must be > 0, got {tol!r}")
+        if max_iter is not None:
+            max_iter = _check_int("max_iter", max_iter, 1)
+        A = self._operator(preconditioner)
+        g = _generator(seed)
+        if v0 is None:
+            start = torch.randn(self.numel, generator=g, dtype=torch.float64).to(self.dtype).to(self.device)
+        else:
+            start = (self.flatten(self._check_vector(v0, batched=False)) if isinstance(v0, Mapping)
+                     else torch.as_tensor(v0).to(dtype=self.dtype, device=self.device).reshape(-1))
+            if start.numel() != self.numel:
+                raise ValueError(f"v0 has {start.numel()} entries, expected {self.numel}")
+            if not bool(torch.isfinite(start).all()) or float(start.norm()) == 0:
+                raise ValueError("v0 must be finite and nonzero")
+        before = self.n_hvp
+        if method == "power":
+            if which != "LM":
+                raise ValueError("method='power' finds largest-magnitude eigenvalues only; use which='LM'")
+            vals, vecs, res, conv, hist = _power(A, start, k, tol, max_iter or 1000, g)
+        else:
+            vals, vecs, res, conv, hist = _lanczos(A, start, self.numel, k, which, tol,
+                                                   max_iter or min(self.numel, 300), g)
+        if not conv:
+            warnings.warn(f"eigenvalues: {method} did not converge to tol={tol} within max_iter "
+                          f"(residuals {np.array2string(res, precision=2)})", RuntimeWarning, stacklevel=2)
+        return EigenResult(vals, [self.unflatten(v) for v in vecs], self.n_hvp - before, conv, res, method, which,
+                           hist)
+
+    def trace(self, n_probes: int = 30, method: str = "hutch++", seed: int = 0) -> TraceResult:
+        """Stochastic trace estimate using ``n_probes`` HVPs in total.
+
+        ``"hutchinson"``: ``tr H ~ mean_k z_k^T H z_k`` (Rademacher ``z``), stderr = sample std / sqrt(n_probes).
+        ``"hutch++"`` (Meyer, Musco, Musco, Woodruff 2021): ``Q = orth(H S)`` with ``S`` of ``m/3`` Rademacher columns,
+        ``tr H ~ tr(Q^T H Q) + mean_k g_k'^T H g_k'`` with ``g_k' = (I - Q Q^T) g_k`` for the remaining probes.
+        Unbiased; stderr is that of the residual Hutchinson term (the deflated part is exact given ``Q``).
+        """
+        if method not in ("hutch++", "hutchinson"):
+            raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
+        n_probes = _check_int("n_probes", n_probes, 3 if method == "hutch++" else 2)
+        g = _generator(seed)
+        before = self.n_hvp
+        if method == "hutchinson":
+            Z = _rademacher((n_probes, self.numel), g, self.dtype, self.device)
+            q = (Z * self._matmat(Z)).sum(1).double().cpu().numpy()
+            return TraceResult(float(q.mean()), float(q.std(ddof=1) / math.sqrt(n_probes)), self.n_hvp - before,
+                               method)
+        m3 = n_probes // 3
+        n_g = n_probes - 2 * m3
+        S = _rademacher((m3, self.numel), g, self.dtype, self.device)
+        Y = self._matmat(S).double()  # rows = (H s)^T
+        Q, _ = torch.linalg.qr(Y.T)  # [n, m3]
+        Q = Q.to(self.dtype)
+        HQ = self._matmat(Q.T.contiguous()).double()  # [m3, n]
+        head = float((Q.double().T * HQ).sum())
+        G = _rademacher((n_g, self.numel), g, self.dtype, self.device).double()
+        G = G - (G @ Q.double()) @ Q.double().T
+        q = (G * self._matmat(G.to(self.dtype)).double()).sum(1).cpu().numpy()
+        stderr = float(q.std(ddof=1) / math.sqrt(n_g)) if n_g > 1 else 0.0
+        return TraceResult(head + float(q.mean()), stderr, self.n_hvp - before, method)
+
+    def density(self, n_probes: int = 10, n_lanczos: int = 80, seed: int = 0, grid_size: int = 1000,
+                sigma: float | None = None) -> DensityResult:
+        """Spectral density by stochastic Lanczos quadrature (Ghorbani et al. 2019; Lin, Saad, Yang 2016).
+
+        For each Rademacher probe ``v`` (normalised), ``m = n_lanczos`` Lanczos steps give ``T = S diag(theta) S^T``;
+        nodes ``theta_j`` and weights ``tau_j = S_{1j}^2`` satisfy ``sum_j tau_j theta_j^p = v^T H^p v / ||v||^2`` for
+        ``p < 2m``, so ``mean_probes sum_j tau_j theta_j^p`` is unbiased for ``tr(H^p) / n``. The density is
+        ``phi(t) = mean_probes sum_j tau_j N(t; theta_j, sigma^2)`` on ``grid`` (``sigma`` default: 1% of the node range).
+        """
+        n_probes = _check_int("n_probes", n_probes, 1)
+        n_lanczos = _check_int("n_lanczos", n_lanczos, 1)
+        grid_size = _check_int("grid_size", grid_size, 2)
+        m = min(n_lanczos, self.numel)
+        g = _generator(seed)
+        before = self.n_hvp
+        nodes = np.zeros((n_probes, m))
+        weights = np.zeros((n_probes, m))
+        for p in range(n_probes):
+            v = _rademacher((self.numel,), g, self.dtype, self.device)
+            alpha, beta, _ = _lanczos_tridiag(self._matvec, v, m, g, keep_basis=False)
+            T = np.diag(alpha) + np.diag(beta[: len(alpha) - 1], 1) + np.diag(beta[: len(alpha) - 1], -1)
+            theta, S = np.linalg.eigh(T)
+            nodes[p, : len(theta)] = theta
+            weights[p, : len(theta)] = S[0] ** 2
+        lo, hi = float(nodes.min()), float(nodes.max())
+        span = max(hi - lo, 1e-12 * max(1.0, abs(hi)))
+        if sigma is None:
+            sigma = 0.01 * span
+        if not (isinstance(sigma, (int, float)) and sigma > 0):
+            raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_size)
+        kern = np.exp(-0.5 * ((grid[None, None, :] - nodes[:, :, None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        dens = (weights[:, :, None] * kern).sum(1).mean(0)
+        return DensityResult(nodes, weights, grid, dens, float(sigma), self.n_hvp - before)
+
+    # ---------------------------------------------------------------------------------------------- blocks, dense
+    def block_norms(self, exact: bool | None = None, n_probes: int = 20, seed: int = 0, by: str = "param",
+                    max_dim: int = 3000) -> BlockNormResult:
+        """Frobenius norms ``F_ab = ||H_ab||_F`` of the Hessian blocks per pair of layers (seed 002 §4, Thm. 10).
+
+        ``exact=True`` (default when ``numel <= max_dim``): from the dense Hessian. Otherwise
+        ``F_ab^2 = E ||H_ab z_b||^2`` with Rademacher ``z_b`` supported on layer ``b``: ``n_probes`` HVPs per layer,
+        each giving one sample for every ``a`` at once. Totals: ``diagonal_total = sqrt(sum_a F_aa^2)``,
+        ``offdiagonal_total = sqrt(sum_{a != b} F_ab^2)``. ``gershgorin = max_a sum_b F_ab`` bounds ``|lambda|`` for
+        every eigenvalue (block Gershgorin, Feingold-Varga, with ``||.||_2 <= ||.||_F``); when exact,
+        ``gershgorin_entrywise = max_i sum_j |H_ij|`` (seed 002 §4, Gershgorin corollary).
+        """
+        groups = self.layers(by)
+        names = list(groups)
+        L = len(names)
+        idx = {a: torch.cat([torch.arange(self.offsets[n], self.offsets[n] + self.sizes[n]) for n in groups[a]])
+               for a in names}
+        if exact is None:
+            exact = self.numel <= max_dim
+        before = self.n_hvp
+        F2 = np.zeros((L, L))
+        se = None
+        ent = None
+        if exact:
+            H = self.dense(max_dim=max(max_dim, self.numel) if exact is True else max_dim).double()
+            for i, a in enumerate(names):
+                for j, b in enumerate(names):
+                    F2[i, j] = float((H[idx[a]][:, idx[b]] ** 2).sum())
+            ent = float(H.abs().sum(1).max())
+        else:
+            n_probes = _check_int("n_probes", n_probes, 2)
+            g = _generator(seed)
+            se = np.zeros((L, L))
+            for j, b in enumerate(names):
+                Z = torch.zeros(n_probes, self.numel, dtype=self.dtype, device=self.device)
+                ib = idx[b].to(self.device)
+                Z[:, ib] = _rademacher((n_probes, ib.numel()), g, self.dtype, self.device)
+                HZ = self._matmat(Z).double()
+                for i, a in enumerate(names):
+                    s = (HZ[:, idx[a].to(self.device)] ** 2).sum(1).cpu().numpy()
+                    F2[i, j] = s.mean()
+                    se[i, j] = s.std(ddof=1) / math.sqrt(n_probes)
+        F = np.sqrt(F2)
+        diag = float(np.sqrt(np.trace(F2)))
+        off = float(np.sqrt(max(F2.sum() - np.trace(F2), 0.0)))
+        gersh = float(F.sum(1).max())
+        return BlockNormResult(names, F, diag, off, gersh, bool(exact), self.n_hvp - before, ent, se)
+
+    def dense(self, max_dim: int = DEFAULT_DENSE_MAX_DIM) -> Tensor:
+        """The full ``n x n`` Hessian built from HVP columns (``H[:, i] = H e_i``); small models only."""
+        max_dim = _check_int("max_dim", max_dim, 1)
+        if self.numel > max_dim:
+            raise ValueError(f"dense(): the Hessian has dimension {self.numel} > max_dim = {max_dim} "
+                             f"({self.numel ** 2 * first_element_size(self.params) / 2 ** 30:.2f} GiB); use the "
+                             "estimators (diagonal, eigenvalues, trace, density, block_norms) or raise max_dim")
+        cols = torch.cat(self._unit_columns(torch.arange(self.numel), lambda c, chunk: c))
+        return cols.T.contiguous()
+
+    def to_scipy(self):
+        """``scipy.sparse.linalg.LinearOperator`` (float64, flat vectors in ``param_names`` order) applying ``H``."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def matvec(x):
+            x = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(-1)).to(self.dtype).to(self.device)
+            return self._matvec(x).double().cpu().numpy()
+
+        def matmat(X):
+            X = torch.as_tensor(np.asarray(X, dtype=np.float64)).to(self.dtype).to(self.device)
+            return self._matmat(X.T.contiguous()).double().cpu().numpy().T
+
+        return LinearOperator((self.numel, self.numel), matvec=matvec, rmatvec=matvec, matmat=matmat,
+                              dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return (f"Hessian(numel={self.numel}, params={len(self.param_names)}, dtype={self.dtype}, "
+                f"hvp_mode={self.hvp_mode}, n_hvp={self.n_hvp})")
+
+
+def first_element_size(params: Mapping[str, Tensor]) -> int:
+    return next(iter(params.values())).element_size()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Lanczos and power iteration on flat vectors
+def _orth(w: Tensor, Q: list[Tensor]) -> Tensor:
+    if not Q:
+        return w
+    B = torch.stack(Q)
+    for _ in range(2):  # classical Gram-Schmidt twice ("twice is enough")
+        w = w - B.T @ (B @ w)
+    return w
+
+
+def _lanczos_tridiag(A: Callable[[Tensor], Tensor], v: Tensor, m: int, g: torch.Generator,
+                     keep_basis: bool = True, n: int | None = None):
+    """``m`` Lanczos steps with full reorthogonalisation from ``v``; returns (alpha, beta, Q)."""
+    n = v.numel() if n is None else n
+    q = v / v.norm()
+    Q: list[Tensor] = [q]
+    alpha, beta = [], []
+    for j in range(m):
+        w = A(q)
+        a = float(q.double() @ w.double())
+        alpha.append(a)
+        w = _orth(w, Q)
+        b = float(w.norm())
+        if j == m - 1 or len(Q) >= n:
+            beta.append(b)
+            break
+        if b <= 1e-10 * max(1.0, max(abs(x) for x in alpha)):  # invariant subspace: restart orthogonally
+            w = _orth(torch.randn(n, generator=g, dtype=torch.float64).to(v.dtype).to(v.device), Q)
+            beta.append(0.0)
+            q = w / w.norm()
+        else:
+            beta.append(b)
+            q = w / b
+        Q.append(q)
+    return np.array(alpha), np.array(beta), (Q if keep_basis else None)
+
+
+def _select(theta: np.ndarray, which: str) -> np.ndarray:
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")
+    if which == "SA":
+        return np.argsort(theta, kind="stable")
+    return np.argsort(-np.abs(theta), kind="stable")
+
+
+def _lanczos(A, start: Tensor, n: int, k: int, which: str, tol: float, max_iter: int, g: torch.Generator):
+    max_iter = max(min(max_iter, n), k)
+    q = start / start.norm()
+    Q: list[Tensor] = [q]
+    alpha: list[float] = []
+    beta: list[float] = []
+    hist: list[float] = []
+    converged = False
+    theta = S = None
+    b = 0.0
+    for j in range(max_iter):
+        w = A(q)
+        alpha.append(float(q.double() @ w.double()))
+        w = _orth(w, Q)
+        b = float(w.norm())
+        m = len(alpha)
+        T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+        theta, S = np.linalg.eigh(T)
+        order = _select(theta, which)
+        hist.append(float(theta[order[0]]))
+        scale = max(np.abs(theta).max(), 1e-300)
+        breakdown = b <= 1e-10 * scale
+        if m >= k:
+            sel = order[:k]
+            res = np.abs(b * S[-1, sel])
+            if np.all(res <= tol * np.maximum(np.abs(theta[sel]), 1e-12 * scale)) or m >= n:
+                converged = True
+                break
+        if m >= n:
+            break
+        if breakdown:
+            w = _orth(torch.randn(n, generator=g, dtype=torch.float64).to(start.dtype).to(start.device), Q)
+            beta.append(0.0)
+            q = w / w.norm()
+        else:
+            beta.append(b)
+            q = w / b
+        Q.append(q)
+    order = _select(theta, which)[:k]
+    Qm = torch.stack(Q[: len(alpha)])
+    vecs = [(torch.as_tensor(S[:, i], dtype=torch.float64).to(Qm.device).to(Qm.dtype) @ Qm) for i in order]
+    res = np.abs(b * S[-1, order])
+    if len(alpha) >= n:
+        converged = True
+    return theta[order].copy(), vecs, res, converged, hist
+
+
+def _power(A, start: Tensor, k: int, tol: float, max_iter: int, g: torch.Generator):
+    """PyHessian's power iteration: ``lambda = v^T H v``, ``v <- H v / ||H v||``, deflating earlier eigenvectors."""
+    vals, vecs, res, hist = [], [], [], []
+    converged = True
+    for i in range(k):
+        v = start if i == 0 else torch.randn(start.numel(), generator=g, dtype=torch.float64).to(start.dtype)
+        v = _orth(v.to(start.device), vecs)
+        v = v / v.norm()
+        lam = None
+        ok = False
+        for _ in range(max_iter):
+            Hv = _orth(A(v), vecs)
+            new = float(v.double() @ Hv.double())
+            hist.append(new)
+            if lam is not None and abs(new - lam) / (abs(lam) + 1e-6) < tol:
+                lam = new
+                ok = True
+                break
+            lam = new
+            v = Hv / Hv.norm()
+        converged &= ok
+        vals.append(lam)
+        vecs.append(v)
+        res.append(float((Hv - lam * v).norm()))
+    return np.array(vals), vecs, np.array(res), converged, hist
