@@ -1,1 +1,28 @@
-"""optiscope.lab"""
+"""optiscope.lab: same-init trajectories of several optimizers with geometry probes, stored so nothing is lost.
+
+``Problem``, ``Run``, ``compare``, ``switch``, ``repeat``, ``match_by_loss`` (``lab.run``), probes (``lab.probes``),
+``RunStore`` (``lab.store``), CLI-level configs (``lab.config``). See docs/architecture.md, section "lab".
+"""
+
+from optiscope.lab.problem import Problem
+from optiscope.lab.probes import PROBES, ProbeState, make_probe, make_probes, probe_guard
+from optiscope.lab.run import (
+    CompareResult,
+    RepeatResult,
+    Run,
+    RunResult,
+    batch_indices,
+    compare,
+    match_by_loss,
+    matched_values,
+    repeat,
+    summarize_repeats,
+    switch,
+)
+from optiscope.lab.store import RunStore, StoreError
+
+__all__ = [
+    "Problem", "Run", "RunResult", "CompareResult", "RepeatResult", "compare", "switch", "repeat",
+    "match_by_loss", "matched_values", "summarize_repeats", "batch_indices", "PROBES", "ProbeState", "make_probe",
+    "make_probes", "probe_guard", "RunStore", "StoreError",
+]

@@ -140,6 +140,18 @@ class RunStore:
     def set_status(self, status: str, **fields: Any) -> dict[str, Any]:
         return self.update_manifest(status=status, **fields)
 
+    def update_run(self, name: str, **fields: Any) -> dict[str, Any]:
+        """Merge ``fields`` into ``manifest["runs"][name]`` (per-run status of a comparison)."""
+        try:
+            m = self.read_manifest()
+        except StoreError:
+            m = {}
+        runs = dict(m.get("runs") or {})
+        entry = dict(runs.get(name) or {})
+        entry.update(fields)
+        runs[name] = entry
+        return self.update_manifest(runs=runs)
+
     # -- metrics ------------------------------------------------------------------------------------
     def read_metrics(self) -> pd.DataFrame:
         p = self.path("metrics.parquet")

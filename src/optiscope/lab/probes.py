@@ -1,0 +1,599 @@
+"""Probes: pure measurements taken by a Run at checkpoints (DESIGN.md "Core contracts: Probe").
+
+A probe is any callable ``probe(problem, state) -> dict``. The dict maps a metric name to
+
+- a float (a global value, stored with ``layer=""``),
+- a ``{layer: float}`` dict (per-layer values), or
+- a numpy array / tensor (stored in ``arrays/<run>_<metric>.npz``, one entry per checkpoint).
+
+``state`` is a :class:`ProbeState`. Probes never change parameters, optimizer state, the training generator, the
+global RNG or BatchNorm running statistics; the Run additionally calls them under :func:`probe_guard`, which
+restores all of these, so even a careless user probe cannot perturb training.
+
+Built-in probes (``PROBES``; ``make_probe(name, **kw)``; ``make_probes(["r_med:per_layer=100", ...])``):
+
+============== ==============================================================================================
+loss           training loss (full training set, or the probe batch) and eval loss
+accuracy       training / eval accuracy (classification and lm tasks)
+grad_norm      gradient 2-norm and 1-norm on the probe batch, total and per layer
+one_norm       perturbed one-norm ``sum_i sqrt(g_i^2 + eps)`` (seed 001 §2, Eq. 3), eps from the optimizer
+r_med          per-layer R_med on exact sampled Hessian diagonal entries (seed 000 §3.2, Eq. 1)
+diag_dominance diagonal dominance of the sampled Hessian block (seed 000 App. E)
+sharpness      top Hessian eigenvalue, Lanczos warm-started from the previous checkpoint's vectors
+trace          Hessian trace (Hutch++)
+precond_sharpness  top eigenvalue of P^-1/2 H P^-1/2, P the optimizer's diagonal preconditioner (Cohen et al. 2022)
+weight_spectrum    singular values, effective rank and R_u per 2-D layer (seed 000 §6)
+adam_alignment Hessian diagonal vs |gradient| and |adaptive update| on the sampled coordinates (seed 000 §4.3)
+update_norm    norm of the last update and of the weights, per layer
+adam_correction    registered lazily from ``optiscope.lab.adam_correction_probe`` (seed 001 work)
+============== ==============================================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from optiscope.utils.spec import SpecError, parse_spec
+
+ProbeFn = Callable[[Any, "ProbeState"], dict]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# state and guard
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ProbeState:
+    """What a probe sees at a checkpoint.
+
+    ``cache`` is a per-run dict that is saved in checkpoints (sampled coordinates, previous Lanczos vectors);
+    ``scratch`` is shared by the probes of one checkpoint only (the Hessian diagonal, the probe-batch gradient).
+    ``last_update`` maps parameter names to the change made by the last optimizer step (None at step 0).
+    """
+
+    step: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    problem: Any
+    run_name: str = "run"
+    seed: int = 0
+    cache: dict = field(default_factory=dict)
+    last_update: dict[str, torch.Tensor] | None = None
+    scratch: dict = field(default_factory=dict)
+
+    def hessian(self):
+        """The ``curvature.Hessian`` of the problem's loss on ``problem.probe_batch`` at the current parameters."""
+        if "hessian" not in self.scratch:
+            from optiscope.curvature import Hessian
+
+            self.scratch["hessian"] = Hessian(self.model, self.problem.loss_fn, self.problem.probe_batch)
+        return self.scratch["hessian"]
+
+    def gradient(self) -> dict[str, torch.Tensor]:
+        """Gradient of the mean loss on the probe batch (``torch.autograd.grad``; ``.grad`` is not touched)."""
+        if "gradient" not in self.scratch:
+            names = self.problem.param_names
+            params = dict(self.model.named_parameters())
+            X, y = self.problem.probe_batch
+            with torch.enable_grad():
+                loss = self.problem.loss_fn(self.model(X), y)
+                grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+            self.scratch["gradient"] = {n: (torch.zeros_like(params[n]) if g is None else g.detach())
+                                        for n, g in zip(names, grads)}
+            self.scratch["probe_loss"] = float(loss.detach())
+        return self.scratch["gradient"]
+
+    def params(self) -> dict[str, torch.Tensor]:
+        named = dict(self.model.named_parameters())
+        return {n: named[n].detach() for n in self.problem.param_names}
+
+    def coordinates(self, per_layer: int = 200) -> dict[str, torch.Tensor]:
+        """Sampled flat coordinates per parameter, drawn once per run and reused at every checkpoint."""
+        key = f"coords_{per_layer}"
+        if key not in self.cache:
+            self.cache[key] = self.hessian().sample_coordinates(per_layer=per_layer, seed=self.seed)
+        return self.cache[key]
+
+    def hessian_diagonal(self, per_layer: int = 200) -> dict[str, torch.Tensor]:
+        """Exact Hessian diagonal entries on :meth:`coordinates` (one HVP per coordinate, shared by probes)."""
+        key = f"diag_{per_layer}"
+        if key not in self.scratch:
+            res = self.hessian().diagonal(self.coordinates(per_layer))
+            self.scratch[key] = {n: v.detach() for n, v in res.values.items()}
+            self.scratch[key + "_n_hvp"] = int(res.n_hvp)
+        return self.scratch[key]
+
+    def preconditioner(self) -> dict[str, torch.Tensor] | None:
+        """The optimizer's current diagonal preconditioner P by parameter name, or None (non-adaptive)."""
+        opt = self.optimizer
+        if opt is None or not hasattr(opt, "diagonal_preconditioner"):
+            return None
+        pre = opt.diagonal_preconditioner()
+        plist = [p for g in opt.param_groups for p in g["params"]]
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
+        out = {}
+        for p, P in zip(plist, pre):
+            if P is not None and id(p) in by_id:
+                out[by_id[id(p)]] = P.detach()
+        return out or None
+
+
+@contextlib.contextmanager
+def probe_guard(model: nn.Module) -> Iterator[None]:
+    """Run probes without side effects: parameters, buffers (BatchNorm running stats), the ``training`` flags,
+    ``.grad`` and the global torch RNG are restored on exit."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    grads = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, v in model.state_dict(keep_vars=True).items():
+                    if k in saved and v is not None:
+                        v.copy_(saved[k])
+            for n, p in model.named_parameters():
+                p.grad = grads.get(n)
+            for n, m in model.named_modules():
+                m.training = modes.get(n, m.training)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _by_layer(problem, per_param: Mapping[str, float], reduce: str = "sum") -> dict[str, float]:
+    out = {}
+    for lname, pnames in problem.layers.items():
+        vals = [per_param[p] for p in pnames if p in per_param]
+        if vals:
+            out[lname] = float(sum(vals)) if reduce == "sum" else float(max(vals))
+    return out
+
+
+def _concat_by_layer(problem, per_param: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for lname, pnames in problem.layers.items():
+        parts = [per_param[p].reshape(-1) for p in pnames if p in per_param and per_param[p].numel() > 0]
+        if parts:
+            out[lname] = torch.cat(parts)
+    return out
+
+
+@torch.no_grad()
+def _mean_loss_and_acc(problem, model, X, y, chunk: int = 4096, want_acc: bool = False) -> tuple[float, float | None]:
+    total, correct, count = 0.0, 0.0, 0
+    for i in range(0, len(X), chunk):
+        xb, yb = X[i:i + chunk], y[i:i + chunk]
+        out = model(xb)
+        n = len(xb)
+        total += float(problem.loss_fn(out, yb)) * n
+        count += n
+        if want_acc:
+            pred = out.argmax(dim=-1)
+            correct += float((pred == yb).float().mean()) * n
+    return total / count, (correct / count if want_acc else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# built-in probes
+# ----------------------------------------------------------------------------------------------------------------
+class Probe:
+    """Base class: ``name`` and ``__call__(problem, state) -> dict``."""
+
+    name = "probe"
+
+    def __call__(self, problem, state: ProbeState) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        kw = ",".join(f"{k}={v}" for k, v in vars(self).items())
+        return f"{self.name}" + (f":{kw}" if kw else "")
+
+
+class LossProbe(Probe):
+    """``loss``: mean training loss (``on="train"``: the whole training set; ``"probe"``: the probe batch) and the
+    mean eval loss when the problem has an eval set."""
+
+    name = "loss"
+
+    def __init__(self, on: str = "train"):
+        if on not in ("train", "probe"):
+            raise ValueError(f"loss probe: on={on!r} is invalid; valid: train, probe")
+        self.on = on
+
+    def __call__(self, problem, state):
+        X, y = problem.train if self.on == "train" else problem.probe_batch
+        out = {"loss": _mean_loss_and_acc(problem, state.model, X, y)[0]}
+        if problem.eval is not None:
+            out["eval_loss"] = _mean_loss_and_acc(problem, state.model, *problem.eval)[0]
+        return out
+
+
+class AccuracyProbe(Probe):
+    """``accuracy``: fraction of argmax predictions equal to the target (train and eval)."""
+
+    name = "accuracy"
+
+    def __init__(self, on: str = "train"):
+        if on not in ("train", "probe"):
+            raise ValueError(f"accuracy probe: on={on!r} is invalid; valid: train, probe")
+        self.on = on
+
+    def __call__(self, problem, state):
+        if problem.task == "regression":
+            return {}
+        X, y = problem.train if self.on == "train" else problem.probe_batch
+        out = {"accuracy": _mean_loss_and_acc(problem, state.model, X, y, want_acc=True)[1]}
+        if problem.eval is not None:
+            out["eval_accuracy"] = _mean_loss_and_acc(problem, state.model, *problem.eval, want_acc=True)[1]
+        return out
+
+
+class GradNormProbe(Probe):
+    """``grad_norm``: ``||g||_2`` and ``||g||_1`` of the probe-batch gradient g, total and per layer."""
+
+    name = "grad_norm"
+
+    def __call__(self, problem, state):
+        g = state.gradient()
+        sq = {n: float(v.double().pow(2).sum()) for n, v in g.items()}
+        l1 = {n: float(v.double().abs().sum()) for n, v in g.items()}
+        per2 = {k: math.sqrt(v) for k, v in _by_layer(problem, sq).items()}
+        return {"grad_norm": math.sqrt(sum(sq.values())), "grad_norm_1": sum(l1.values()),
+                "grad_norm_layer": per2, "grad_norm_1_layer": _by_layer(problem, l1)}
+
+
+class OneNormProbe(Probe):
+    """``one_norm``: the perturbed one-norm ``||g||_{1,eps} = sum_i sqrt(g_i^2 + eps)`` of the probe-batch gradient
+    (seed 001 §2, Eq. 3; spec §1b). ``eps``: the ``eps`` option if given, else ``optimizer.perturbation_eps``, else
+    1e-8 (Adam's default with eps inside the square root). The eps used is recorded as ``one_norm_eps``."""
+
+    name = "one_norm"
+
+    def __init__(self, eps: float | None = None):
+        if eps is not None and not (eps >= 0):
+            raise ValueError(f"one_norm probe: eps={eps!r} must be >= 0")
+        self.eps = eps
+
+    def __call__(self, problem, state):
+        from optiscope.metrics import perturbed_one_norm
+
+        eps = self.eps
+        if eps is None:
+            eps = getattr(state.optimizer, "perturbation_eps", None)
+        if eps is None:
+            eps = 1e-8
+        g = state.gradient()
+        per = {n: float(perturbed_one_norm(v, eps)) for n, v in g.items()}
+        return {"one_norm": sum(per.values()), "one_norm_layer": _by_layer(problem, per), "one_norm_eps": float(eps)}
+
+
+class RMedProbe(Probe):
+    """``r_med``: per layer, ``R_med = max_i h_i / (median_i h_i + delta)`` over ``per_layer`` sampled exact
+    Hessian diagonal entries ``h_i = e_i^T H e_i`` (seed 000 §3.2, Eq. 1; spec §2f). The coordinates are sampled once
+    per run (seed from the run) and reused at every checkpoint. Also records ``r_med_nonpositive`` (count of
+    h_i <= 0) and the HVPs spent (``r_med_n_hvp``)."""
+
+    name = "r_med"
+
+    def __init__(self, per_layer: int = 200, delta: float = 0.0, save_diagonal: bool = False):
+        if int(per_layer) < 1:
+            raise ValueError(f"r_med probe: per_layer={per_layer!r} must be >= 1")
+        self.per_layer, self.delta, self.save_diagonal = int(per_layer), float(delta), bool(save_diagonal)
+
+    def __call__(self, problem, state):
+        from optiscope.metrics import r_med
+
+        diag = _concat_by_layer(problem, state.hessian_diagonal(self.per_layer))
+        vals, nonpos = {}, {}
+        for lname, h in diag.items():
+            res = r_med(h, delta=self.delta)
+            vals[lname] = float(res.value)
+            nonpos[lname] = float(res.n_nonpositive)
+        out: dict[str, Any] = {"r_med": vals, "r_med_nonpositive": nonpos,
+                               "r_med_n_hvp": float(state.scratch.get(f"diag_{self.per_layer}_n_hvp", 0))}
+        if self.save_diagonal:
+            out["hessian_diagonal"] = torch.cat([h for h in diag.values()]).cpu().numpy()
+        return out
+
+
+class DiagDominanceProbe(Probe):
+    """``diag_dominance``: diagonal dominance of the sampled Hessian block ``H[I, I]`` (seed 000 App. E), over all
+    layers together (``per_layer`` coordinates per parameter tensor) and within each layer."""
+
+    name = "diag_dominance"
+
+    def __init__(self, per_layer: int = 50):
+        if int(per_layer) < 2:
+            raise ValueError(f"diag_dominance probe: per_layer={per_layer!r} must be >= 2")
+        self.per_layer = int(per_layer)
+
+    def __call__(self, problem, state):
+        from optiscope.metrics import diagonal_dominance
+
+        coords = state.coordinates(self.per_layer)
+        block = state.hessian().diagonal_block(coords)
+        M = block.matrix
+        out: dict[str, Any] = {"diag_dominance": float(_scalar(diagonal_dominance(M))),
+                               "diag_dominance_n_hvp": float(block.n_hvp)}
+        per = {}
+        for lname, pnames in problem.layers.items():
+            idx = torch.cat([torch.arange(M.shape[0])[block.index[p]] for p in pnames if p in block.index])
+            if len(idx) >= 2:
+                per[lname] = float(_scalar(diagonal_dominance(M[idx][:, idx])))
+        out["diag_dominance_layer"] = per
+        return out
+
+
+def _scalar(x) -> float:
+    if hasattr(x, "value"):
+        return float(x.value)
+    return float(x)
+
+
+class SharpnessProbe(Probe):
+    """``sharpness``: the top ``k`` Hessian eigenvalues (``which="LA"``) by Lanczos, warm-started from the previous
+    checkpoint's leading eigenvector (kept in the run's probe cache, so resumed runs warm-start identically)."""
+
+    name = "sharpness"
+
+    def __init__(self, k: int = 1, tol: float = 1e-4, max_iter: int = 100, warm_start: bool = True):
+        if int(k) < 1:
+            raise ValueError(f"sharpness probe: k={k!r} must be >= 1")
+        self.k, self.tol, self.max_iter, self.warm_start = int(k), float(tol), int(max_iter), bool(warm_start)
+
+    def __call__(self, problem, state):
+        H = state.hessian()
+        v0 = state.cache.get("sharpness_v0") if self.warm_start else None
+        res = H.eigenvalues(k=self.k, which="LA", tol=self.tol, max_iter=self.max_iter, v0=v0)
+        if self.warm_start and len(res.vectors):
+            state.cache["sharpness_v0"] = {n: t.detach().clone() for n, t in res.vectors[0].items()}
+        vals = np.asarray(res.values, dtype=float)
+        out: dict[str, Any] = {"sharpness": float(vals[0]), "sharpness_n_hvp": float(res.n_hvp)}
+        for i in range(1, len(vals)):
+            out[f"eigenvalue_{i + 1}"] = float(vals[i])
+        return out
+
+
+class TraceProbe(Probe):
+    """``trace``: ``tr H`` by Hutch++ with ``n_probes`` Hessian-vector products (seeded from the run)."""
+
+    name = "trace"
+
+    def __init__(self, n_probes: int = 30, method: str = "hutch++"):
+        if int(n_probes) < 3:
+            raise ValueError(f"trace probe: n_probes={n_probes!r} must be >= 3")
+        self.n_probes, self.method = int(n_probes), method
+
+    def __call__(self, problem, state):
+        res = state.hessian().trace(n_probes=self.n_probes, method=self.method, seed=state.seed + state.step)
+        return {"trace": float(res.value), "trace_n_hvp": float(res.n_hvp)}
+
+
+class PrecondSharpnessProbe(Probe):
+    """``precond_sharpness``: ``lambda_max(P^{-1/2} H P^{-1/2})`` with P the optimizer's current diagonal
+    preconditioner (``optimizer.diagonal_preconditioner()``; update = lr * m / P). For Adam this is the quantity
+    whose value 2(1+beta1)/((1-beta1) lr) marks the adaptive edge of stability (Cohen et al. 2022, cited in seed
+    001). Returns nothing for non-adaptive optimizers (or at step 0, before P is defined). Warm-started like
+    ``sharpness``; also records ``precond_sharpness_threshold`` = 2(1+beta1)/((1-beta1) lr) when the optimizer has
+    ``betas`` (38/lr for beta1 = 0.9)."""
+
+    name = "precond_sharpness"
+
+    def __init__(self, tol: float = 1e-4, max_iter: int = 100):
+        self.tol, self.max_iter = float(tol), int(max_iter)
+
+    def __call__(self, problem, state):
+        P = state.preconditioner()
+        if P is None:
+            return {}
+        H = state.hessian()
+        full = {n: P[n] if n in P else torch.ones_like(p) for n, p in state.params().items()}
+        if any(bool((v <= 0).any()) for v in full.values()):
+            return {}
+        v0 = state.cache.get("precond_v0")
+        res = H.eigenvalues(k=1, which="LA", tol=self.tol, max_iter=self.max_iter, v0=v0, preconditioner=full)
+        if len(res.vectors):
+            state.cache["precond_v0"] = {n: t.detach().clone() for n, t in res.vectors[0].items()}
+        out = {"precond_sharpness": float(np.asarray(res.values)[0]), "precond_sharpness_n_hvp": float(res.n_hvp)}
+        g0 = state.optimizer.param_groups[0]
+        if "betas" in g0 and g0.get("lr", 0) > 0:
+            b1 = float(g0["betas"][0])
+            out["precond_sharpness_threshold"] = 2 * (1 + b1) / ((1 - b1) * float(g0["lr"]))
+        return out
+
+
+class WeightSpectrumProbe(Probe):
+    """``weight_spectrum``: per 2-D (or higher, flattened to ``[out, -1]``) parameter: singular values (saved as an
+    array), effective rank ``erank`` (Roy & Vetterli) and singular-vector uniformity ``r_u`` (seed 000 §6 (B))."""
+
+    name = "weight_spectrum"
+
+    def __init__(self, save_singular_values: bool = True):
+        self.save_singular_values = bool(save_singular_values)
+
+    def __call__(self, problem, state):
+        from optiscope.metrics import effective_rank, singular_vector_uniformity
+
+        er, ru, out = {}, {}, {}
+        for n, p in state.params().items():
+            if p.ndim < 2:
+                continue
+            W = p.reshape(p.shape[0], -1)
+            er[n] = float(_scalar(effective_rank(W)))
+            ru[n] = float(_scalar(singular_vector_uniformity(W)))
+            if self.save_singular_values:
+                out[f"singular_values.{n}"] = torch.linalg.svdvals(W.double()).cpu().numpy()
+        out.update({"erank": er, "r_u": ru})
+        return out
+
+
+class AdamAlignmentProbe(Probe):
+    """``adam_alignment`` (seed 000 §4.3 and App. A.6): on the sampled coordinates I of each layer, the Spearman rank
+    correlation between the Hessian diagonal ``h_i`` and
+
+    - ``|g_i|`` (the true gradient on the probe batch): ``align_grad``,
+    - ``|Delta theta_i| / lr`` (the "adaptive gradient" actually applied by the last step): ``align_update``,
+    - ``P_i`` (the optimizer's diagonal preconditioner, adaptive optimizers only): ``align_precond``.
+
+    The seed states that h_i aligns with |g_i| while Adam's adaptive gradient is nearly uniform and does not align;
+    spec §2f marks the exact statistic UNKNOWN, so the default reading is the rank correlation above (Spearman is
+    scale-free, so the lr does not matter). Also records ``adaptive_gradient_uniformity`` = max/median of
+    ``|Delta theta_i|`` on I (the update's analogue of R_med).
+    """
+
+    name = "adam_alignment"
+
+    def __init__(self, per_layer: int = 200):
+        self.per_layer = int(per_layer)
+
+    def __call__(self, problem, state):
+        from scipy.stats import spearmanr
+
+        coords = state.coordinates(self.per_layer)
+        diag = state.hessian_diagonal(self.per_layer)
+        g = state.gradient()
+        P = state.preconditioner()
+        upd = state.last_update
+
+        def pick(src):
+            return _concat_by_layer(problem, {n: src[n].reshape(-1)[coords[n]] for n in coords if n in src})
+
+        H = pick(diag) if set(diag) >= set(coords) else _concat_by_layer(problem, diag)
+        G = pick(g)
+        out: dict[str, Any] = {}
+
+        def corr(a, b):
+            a, b = a.double().cpu().numpy(), b.double().cpu().numpy()
+            if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+                return float("nan")
+            return float(spearmanr(a, b).statistic)
+
+        out["align_grad"] = {k: corr(H[k], G[k].abs()) for k in H if k in G}
+        if upd is not None:
+            U = pick(upd)
+            out["align_update"] = {k: corr(H[k], U[k].abs()) for k in H if k in U}
+            out["adaptive_gradient_uniformity"] = {
+                k: float(U[k].abs().max() / U[k].abs().median()) for k in U if float(U[k].abs().median()) > 0}
+        if P is not None:
+            PP = pick(P)
+            out["align_precond"] = {k: corr(H[k], PP[k]) for k in H if k in PP}
+        return out
+
+
+class UpdateNormProbe(Probe):
+    """``update_norm``: ``||theta_t - theta_{t-1}||_2`` of the last step and ``||theta_t||_2``, total and per layer."""
+
+    name = "update_norm"
+
+    def __call__(self, problem, state):
+        w = {n: float(p.double().pow(2).sum()) for n, p in state.params().items()}
+        out: dict[str, Any] = {"weight_norm": math.sqrt(sum(w.values())),
+                               "weight_norm_layer": {k: math.sqrt(v) for k, v in _by_layer(problem, w).items()}}
+        if state.last_update is not None:
+            u = {n: float(d.double().pow(2).sum()) for n, d in state.last_update.items()}
+            out["update_norm"] = math.sqrt(sum(u.values()))
+            out["update_norm_layer"] = {k: math.sqrt(v) for k, v in _by_layer(problem, u).items()}
+        return out
+
+
+def _adam_correction_factory(**kw):
+    """Lazy import: the probe lives in ``optiscope.lab.adam_correction_probe`` (seed 001 work)."""
+    try:
+        mod = importlib.import_module("optiscope.lab.adam_correction_probe")
+    except ModuleNotFoundError as e:
+        if e.name == "optiscope.lab.adam_correction_probe":
+            raise ValueError("probe 'adam_correction' is not available: optiscope.lab.adam_correction_probe "
+                             "is not installed yet") from None
+        raise
+    for attr in ("make_adam_correction_probe", "make_probe", "AdamCorrectionProbe", "adam_correction_probe"):
+        fn = getattr(mod, attr, None)
+        if fn is not None:
+            return fn(**kw) if (kw or isinstance(fn, type) or attr.startswith("make")) else fn
+    raise ValueError("optiscope.lab.adam_correction_probe defines no make_adam_correction_probe/AdamCorrectionProbe")
+
+
+PROBES: dict[str, Callable[..., ProbeFn]] = {
+    "loss": LossProbe,
+    "accuracy": AccuracyProbe,
+    "grad_norm": GradNormProbe,
+    "one_norm": OneNormProbe,
+    "r_med": RMedProbe,
+    "diag_dominance": DiagDominanceProbe,
+    "sharpness": SharpnessProbe,
+    "trace": TraceProbe,
+    "precond_sharpness": PrecondSharpnessProbe,
+    "weight_spectrum": WeightSpectrumProbe,
+    "adam_alignment": AdamAlignmentProbe,
+    "update_norm": UpdateNormProbe,
+    "adam_correction": _adam_correction_factory,
+}
+
+
+def make_probe(name: str, **kw: Any) -> ProbeFn:
+    """Build the probe ``name`` with options ``kw``; unknown names or options raise ``ValueError``."""
+    if name not in PROBES:
+        raise ValueError(f"unknown probe {name!r}; valid: {', '.join(sorted(PROBES))}")
+    try:
+        return PROBES[name](**kw)
+    except TypeError as e:
+        raise ValueError(f"probe {name!r}: bad options {kw}: {e}") from None
+
+
+def make_probes(items: Any) -> list[ProbeFn]:
+    """Probes from a list of names, ``"name:key=value"`` specs, callables, or one comma-separated string of names."""
+    if items is None:
+        return []
+    if isinstance(items, str):
+        items = [s for s in _split_top(items) if s.strip()]
+    out = []
+    for it in items:
+        if isinstance(it, str):
+            try:
+                name, kw = parse_spec(it, PROBES, "probe")
+            except SpecError as e:
+                raise ValueError(str(e)) from None
+            out.append(make_probe(name, **kw))
+        elif callable(it):
+            out.append(it)
+        else:
+            raise ValueError(f"probe {it!r} is neither a probe name nor a callable probe(problem, state) -> dict")
+    return out
+
+
+def _split_top(text: str) -> list[str]:
+    """Split ``"loss,r_med:per_layer=100,sharpness"`` into probe specs (a token with ``=`` continues a spec)."""
+    parts, cur = [], ""
+    depth = 0
+    tokens, tok = [], ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            tokens.append(tok)
+            tok = ""
+        else:
+            tok += ch
+    tokens.append(tok)
+    for t in tokens:
+        if "=" in t and ":" not in t and cur:
+            cur += "," + t
+        else:
+            if cur:
+                parts.append(cur)
+            cur = t
+    if cur:
+        parts.append(cur)
+    return [p.strip() for p in parts]
+
+
+def probe_name(probe: ProbeFn) -> str:
+    return getattr(probe, "name", None) or getattr(probe, "__name__", None) or type(probe).__name__
