@@ -306,8 +306,10 @@ class RMedProbe(Probe):
 
 
 class DiagDominanceProbe(Probe):
-    """``diag_dominance``: diagonal dominance of the sampled Hessian block ``H[I, I]`` (seed 000 App. E), over all
-    layers together (``per_layer`` coordinates per parameter tensor) and within each layer."""
+    """``diag_dominance``: diagonal dominance of the sampled Hessian block ``H[I, I]`` (seed 000 App. E, Eq. 40;
+    ``metrics.diagonal_dominance``): the median over sampled coordinates i of ``sum_{j != i} |H_ij| / |H_ii|``
+    (smaller = more diagonal), over all layers together (``per_layer`` coordinates per parameter tensor; also the
+    mean and the mass ratio) and the median within each layer (``diag_dominance_layer``)."""
 
     name = "diag_dominance"
 
@@ -322,13 +324,15 @@ class DiagDominanceProbe(Probe):
         coords = state.coordinates(self.per_layer)
         block = state.hessian().diagonal_block(coords)
         M = block.matrix
-        out: dict[str, Any] = {"diag_dominance": float(_scalar(diagonal_dominance(M))),
-                               "diag_dominance_n_hvp": float(block.n_hvp)}
+        dd = diagonal_dominance(M)
+        out: dict[str, Any] = {"diag_dominance": float(dd.median), "diag_dominance_mean": float(dd.mean),
+                               "diag_dominance_mass": float(dd.mass), "diag_dominance_n_hvp": float(block.n_hvp)}
         per = {}
         for lname, pnames in problem.layers.items():
-            idx = torch.cat([torch.arange(M.shape[0])[block.index[p]] for p in pnames if p in block.index])
+            parts = [torch.arange(M.shape[0])[block.index[p]] for p in pnames if p in block.index]
+            idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
             if len(idx) >= 2:
-                per[lname] = float(_scalar(diagonal_dominance(M[idx][:, idx])))
+                per[lname] = float(diagonal_dominance(M[idx][:, idx]).median)
         out["diag_dominance_layer"] = per
         return out
 
@@ -392,6 +396,8 @@ class PrecondSharpnessProbe(Probe):
         self.tol, self.max_iter = float(tol), int(max_iter)
 
     def __call__(self, problem, state):
+        if state.optimizer is None or len(state.optimizer.state) == 0:
+            return {}  # before the first update the preconditioner is not defined yet
         P = state.preconditioner()
         if P is None:
             return {}

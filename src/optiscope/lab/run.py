@@ -438,6 +438,13 @@ class Run:
                            seed=self.seed, cache=cache, last_update=last_update)
         rows = self._take_pending()
         new_arrays: set[str] = set()
+        with probe_guard(self.model), torch.no_grad():
+            X, y = self.problem.probe_batch
+            probe_loss = float(self.problem.loss_fn(self.model(X), y))
+        if not math.isfinite(probe_loss) or not all(bool(torch.isfinite(p).all()) for _, p in self._trainable()):
+            rows.append({"run": self.name, "optimizer": self.label, "step": step, "metric": "diverged", "layer": "",
+                         "value": float(step)})
+            return rows, new_arrays, probe_loss
         bad = None
         with probe_guard(self.model):
             for pr in self.probes:
@@ -451,10 +458,11 @@ class Run:
                 new_arrays |= {m for m, v in arrays.items() if len(v) != before.get(m, 0)}
         bar.update(description=f"{self.name}")
         for r in rows:
-            if r["metric"] in ("loss", "probe_loss") and r["step"] == step and not math.isfinite(r["value"]):
+            if r["metric"] == "loss" and r["step"] == step and not math.isfinite(r["value"]):
                 bad = r["value"]
-        if bad is None and not all(bool(torch.isfinite(p).all()) for _, p in self._trainable()):
-            bad = float("nan")
+                rows.append({"run": self.name, "optimizer": self.label, "step": step, "metric": "diverged",
+                             "layer": "", "value": float(step)})
+                break
         return rows, new_arrays, bad
 
     def _finish(self, store, step, status, diverged_at, opt, arrays, t_start, probe_seconds, train_seconds,

@@ -1,5 +1,6 @@
 """Figures and one Markdown/HTML report per run directory."""
 
+from optiscope.report.figures import plot_loss, plot_one_norm, plot_r_med, plot_run, plot_sharpness
 from optiscope.report.markdown import write_report
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "plot_run", "plot_loss", "plot_r_med", "plot_sharpness", "plot_one_norm"]

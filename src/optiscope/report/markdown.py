@@ -30,6 +30,71 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+def final_values(df, metrics=("loss", "eval_loss", "accuracy", "eval_accuracy", "sharpness", "precond_sharpness",
+                                "one_norm", "grad_norm", "trace")):
+    """Per run: the last recorded value of each global metric (a DataFrame indexed by run)."""
+    import pandas as pd
+
+    d = df[(df["layer"] == "") & (df["metric"].isin(metrics))]
+    if d.empty:
+        return pd.DataFrame()
+    last = d.sort_values("step").groupby(["run", "metric"]).tail(1)
+    out = last.pivot(index="run", columns="metric", values="value")
+    out["step"] = d.groupby("run")["step"].max()
+    cols = ["step"] + [m for m in metrics if m in out.columns]
+    runs = list(dict.fromkeys(df["run"].tolist()))
+    return out.reindex(runs)[cols]
+
+
+def final_layer_values(df, metric="r_med"):
+    """Per layer (rows) and run (columns): the last recorded value of a per-layer metric."""
+    d = df[(df["metric"] == metric) & (df["layer"] != "")]
+    if d.empty:
+        return None
+    last = d.sort_values("step").groupby(["run", "layer"]).tail(1)
+    out = last.pivot(index="layer", columns="run", values="value")
+    layers = list(dict.fromkeys(d["layer"].tolist()))
+    return out.reindex(layers)[list(dict.fromkeys(d["run"].tolist()))]
+
+
+def lab_summary(store: RunStore, manifest: dict) -> list[str]:
+    """Markdown lines for a lab run directory: per-run status, final values, final R_med per layer."""
+    lines: list[str] = []
+    runs = manifest.get("runs") or {}
+    try:
+        df = store.read_metrics()
+    except StoreError as e:
+        return [f"> {e}\n"]
+    if not runs and df.empty:
+        return lines
+    if runs:
+        lines.append("## Runs\n")
+        lines.append("| run | optimizer | status | seconds (train / probes) |")
+        lines.append("|---|---|---|---|")
+        for name, r in runs.items():
+            secs = f"{_fmt(r.get('seconds'))} ({_fmt(r.get('train_seconds'))} / {_fmt(r.get('probe_seconds'))})"
+            lines.append(f"| {name} | {r.get('optimizer', '')} | {r.get('status', '')} | {secs} |")
+        lines.append("")
+    if not df.empty:
+        fv = final_values(df)
+        if not fv.empty:
+            lines.append("## Final values\n")
+            lines.append("| run | " + " | ".join(fv.columns) + " |")
+            lines.append("|---" * (len(fv.columns) + 1) + "|")
+            for run, row in fv.iterrows():
+                lines.append(f"| {run} | " + " | ".join(_fmt(float(v)) if v == v else "" for v in row) + " |")
+            lines.append("")
+        fl = final_layer_values(df, "r_med")
+        if fl is not None:
+            lines.append("## R_med per layer (last checkpoint)\n")
+            lines.append("| layer | " + " | ".join(fl.columns) + " |")
+            lines.append("|---" * (len(fl.columns) + 1) + "|")
+            for layer, row in fl.iterrows():
+                lines.append(f"| {layer} | " + " | ".join(_fmt(float(v)) if v == v else "" for v in row) + " |")
+            lines.append("")
+    return lines
+
+
 def render_markdown(store: RunStore) -> str:
     lines: list[str] = []
     try:
@@ -65,6 +130,7 @@ def render_markdown(store: RunStore) -> str:
         for k, v in _flatten(results["metrics"])[:200]:
             lines.append(f"- `{k}`: {_fmt(v)}")
         lines.append("")
+    lines.extend(lab_summary(store, manifest))
     figs = sorted(store.path("figures").glob("*.png")) if store.path("figures").is_dir() else []
     if figs:
         lines.append("## Figures\n")

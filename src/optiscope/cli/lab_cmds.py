@@ -1,0 +1,247 @@
+"""Lab commands: ``compare``, ``show``, ``plot``, ``resume``, ``demo`` (``list`` and ``run`` live in cli.main)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from optiscope.utils.progress import set_quiet
+
+console = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _errors():
+    from optiscope.lab.store import StoreError
+
+    return (ValueError, KeyError, StoreError, OSError)
+
+
+def _msg(e: BaseException) -> str:
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _finish(store, quiet: bool) -> None:
+    from optiscope.report import plot_run, write_report
+
+    figs = plot_run(store)
+    report = write_report(store)
+    if not quiet:
+        show_store(store)
+    console.print(f"report:  {report}" + (f"\nfigures: {store.path('figures')}" if figs else ""))
+
+
+def show_store(store) -> None:
+    """Rich tables: per-run status and latest values, per-layer R_med; corrupt files are named, the rest shown."""
+    from optiscope.report.markdown import final_layer_values, final_values
+
+    problems = store.check()
+    for p in problems:
+        Console(stderr=True).print(f"[yellow]warning:[/] {p}", highlight=False)
+    try:
+        manifest = store.read_manifest()
+    except Exception:
+        manifest = {}
+    runs = manifest.get("runs") or {}
+    title = f"{store.root}  [{manifest.get('status', 'unknown')}]"
+    try:
+        df = store.read_metrics()
+    except Exception:
+        df = None
+    fv = final_values(df) if df is not None and not df.empty else None
+    table = Table(title=title)
+    table.add_column("run")
+    table.add_column("status")
+    cols = list(fv.columns) if fv is not None else []
+    for c in cols:
+        table.add_column(c, justify="right")
+    names = list(dict.fromkeys(list(runs) + (list(fv.index) if fv is not None else [])))
+    for name in names:
+        row = [name, str((runs.get(name) or {}).get("status", ""))]
+        if fv is not None:
+            row += [_fmt(float(fv.loc[name, c])) if name in fv.index else "" for c in cols]
+        table.add_row(*row)
+    console.print(table)
+    if df is not None and not df.empty:
+        fl = final_layer_values(df, "r_med")
+        if fl is not None:
+            t2 = Table(title="R_med per layer (last checkpoint)")
+            t2.add_column("layer")
+            for c in fl.columns:
+                t2.add_column(str(c), justify="right")
+            for layer, row in fl.iterrows():
+                t2.add_row(str(layer), *[_fmt(float(v)) for v in row])
+            console.print(t2)
+    if "results.json" in {p.name for p in store.root.iterdir()}:
+        try:
+            res = store.read_results()
+            t3 = Table("claim", "paper", "measured", "holds", title="claims")
+            for c in res.get("claims", []):
+                t3.add_row(str(c.get("claim"))[:70], str(c.get("paper"))[:30], str(c.get("measured"))[:40],
+                           {True: "yes", False: "no", None: "n/a"}.get(c.get("holds"), "?"))
+            console.print(t3)
+        except Exception:
+            pass
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("compare")
+    def compare_cmd(
+        model: Optional[str] = typer.Option(None, "--model", help="zoo model spec, e.g. mlp:depth=3,width=64"),
+        data: Optional[str] = typer.Option(None, "--data", help="zoo dataset spec, e.g. digits"),
+        opt: List[str] = typer.Option([], "--opt", help="optimizer spec, repeatable: adam:lr=1e-3"),
+        name: List[str] = typer.Option([], "--name", help="run name per --opt (default: optimizer name)"),
+        steps: Optional[int] = typer.Option(None, "--steps"),
+        batch: Optional[int] = typer.Option(None, "--batch", help="batch size"),
+        probe_every: Optional[int] = typer.Option(None, "--probe-every"),
+        probe_steps: Optional[str] = typer.Option(None, "--probe-steps", help="extra probe steps: 10,20,300"),
+        probes: Optional[str] = typer.Option(None, "--probes", help="loss,r_med:per_layer=100,sharpness,..."),
+        seed: Optional[int] = typer.Option(None, "--seed"),
+        lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="cosine | linear | step:every=..."),
+        full_batch: Optional[bool] = typer.Option(None, "--full-batch/--minibatch"),
+        chunks: Optional[int] = typer.Option(None, "--accumulation-chunks"),
+        config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML file of CompareConfig fields"),
+        set_: List[str] = typer.Option([], "--set", help="override a config field: key=value"),
+        out: Path = typer.Option(Path("runs/compare"), "--out", help="run directory"),
+        quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    ) -> None:
+        """Several optimizers from the same init and batch order, with geometry probes at checkpoints."""
+        from optiscope.lab.config import CompareConfig, run_compare
+        from optiscope.lab.probes import _split_top
+
+        set_quiet(quiet)
+        try:
+            cfg = CompareConfig.from_file(config) if config is not None else None
+            fields = {}
+            for k, v in (("model", model), ("data", data), ("steps", steps), ("batch_size", batch),
+                         ("probe_every", probe_every), ("seed", seed), ("lr_schedule", lr_schedule),
+                         ("full_batch", full_batch), ("accumulation_chunks", chunks), ("probe_steps", probe_steps)):
+                if v is not None:
+                    fields[k] = v
+            if opt:
+                fields["optimizers"] = tuple(opt)
+            if name:
+                fields["names"] = tuple(name)
+            if probes is not None:
+                fields["probes"] = tuple(_split_top(probes))
+            cfg = CompareConfig.from_dict(fields, base=cfg) if cfg is not None else CompareConfig.from_dict(fields)
+            cfg = cfg.with_overrides(set_)
+            t0 = time.perf_counter()
+            res = run_compare(cfg, out)
+        except _errors() as e:
+            _fail(_msg(e))
+        from optiscope.lab.store import RunStore
+
+        for n, r in res.runs.items():
+            console.print(f"{n}: {r.status}")
+        console.print(f"done in {time.perf_counter() - t0:.1f}s")
+        _finish(RunStore.open(out), quiet)
+
+    @app.command("resume")
+    def resume_cmd(
+        run_dir: Path = typer.Argument(..., help="a run directory written by compare/demo/run"),
+        quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    ) -> None:
+        """Continue a killed run from its last checkpoint; ends with the metrics of an uninterrupted run."""
+        from optiscope.lab.config import load_compare_config, run_compare
+        from optiscope.lab.store import RunStore
+
+        set_quiet(quiet)
+        try:
+            store = RunStore.open(run_dir)
+            for p in store.check():
+                Console(stderr=True).print(f"[yellow]warning:[/] {p}", highlight=False)
+            manifest = store.read_manifest()
+            if manifest.get("experiment") and manifest.get("kind") != "compare":
+                from optiscope.experiments.base import get, run_experiment
+
+                spec = get(manifest["experiment"])
+                cfg = spec.config.from_dict(store.read_config())
+                console.print(f"experiment {spec.name}: re-running with the stored config into {run_dir}")
+                run_experiment(spec.name, preset=manifest.get("preset", "quick"), out=run_dir, config=cfg)
+            else:
+                res = run_compare(load_compare_config(store), store, resume=True)
+                for n, r in res.runs.items():
+                    console.print(f"{n}: {r.status}")
+        except _errors() as e:
+            _fail(_msg(e))
+        _finish(RunStore.open(run_dir), quiet)
+
+    @app.command("show")
+    def show_cmd(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
+        """Latest values per run and per-layer R_med; corrupt or partial files are named, valid data shown."""
+        from optiscope.lab.store import RunStore
+
+        try:
+            store = RunStore.open(run_dir)
+        except _errors() as e:
+            _fail(_msg(e))
+        show_store(store)
+
+    @app.command("plot")
+    def plot_cmd(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
+        """PNG figures (loss curves, R_med per layer over time, sharpness, one-norm) and report.md."""
+        from optiscope.lab.store import RunStore
+        from optiscope.report import plot_run, write_report
+
+        try:
+            store = RunStore.open(run_dir)
+            for p in store.check():
+                Console(stderr=True).print(f"[yellow]warning:[/] {p}", highlight=False)
+            figs = plot_run(store)
+            report = write_report(store)
+        except _errors() as e:
+            _fail(_msg(e))
+        for f in figs:
+            console.print(str(f))
+        console.print(f"report: {report}")
+
+    @app.command("demo")
+    def demo_cmd(
+        out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
+        data: Optional[str] = typer.Option(None, "--data", help="dataset (default fashion_mnist, else digits)"),
+        steps: Optional[int] = typer.Option(None, "--steps"),
+        quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    ) -> None:
+        """SGD+M vs Adam from the same init on Fashion-MNIST: loss, R_med, sharpness, one-norm; figures + report."""
+        from optiscope.lab.config import demo_config, load_compare_config, run_compare, with_fields
+        from optiscope.lab.store import RunStore
+
+        set_quiet(quiet)
+        try:
+            cfg = demo_config(data)
+            if steps is not None:
+                cfg = with_fields(cfg, steps=steps)
+            store = RunStore(out)
+            resume = False
+            if store.path("config.yaml").exists() and (store.read_manifest().get("runs") or {}):
+                if load_compare_config(store) != cfg:
+                    raise ValueError(f"{out} holds a different run; choose another --out")
+                resume = True
+            console.print(f"demo: {cfg.model} on {cfg.data}, {' vs '.join(cfg.optimizers)}, {cfg.steps} steps")
+            t0 = time.perf_counter()
+            res = run_compare(cfg, store, resume=resume)
+        except _errors() as e:
+            _fail(_msg(e))
+        for n, r in res.runs.items():
+            console.print(f"{n}: {r.status} (train {r.train_seconds:.1f}s, probes {r.probe_seconds:.1f}s)")
+        console.print(f"done in {time.perf_counter() - t0:.1f}s")
+        _finish(store, quiet)
