@@ -83,7 +83,7 @@ class ProbeState:
             params = dict(self.model.named_parameters())
             X, y = self.problem.probe_batch
             with torch.enable_grad():
-                loss = self.problem.loss_fn(self.model(X), y)
+                loss = self.problem.loss_fn(pure_forward(self.model, X), y)
                 grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
             self.scratch["gradient"] = {n: (torch.zeros_like(params[n]) if g is None else g.detach())
                                         for n, g in zip(names, grads)}
@@ -149,6 +149,16 @@ def probe_guard(model: nn.Module) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
+def pure_forward(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
+    """``model(X)`` in the model's current mode without side effects: buffers (BatchNorm running statistics) are
+    replaced by copies through ``torch.func.functional_call`` and the global RNG (dropout) is forked."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with torch.random.fork_rng(devices=[]):
+        if not buffers:
+            return model(X)
+        return torch.func.functional_call(model, buffers, (X,), strict=False)
+
+
 def _by_layer(problem, per_param: Mapping[str, float], reduce: str = "sum") -> dict[str, float]:
     out = {}
     for lname, pnames in problem.layers.items():
@@ -172,7 +182,7 @@ def _mean_loss_and_acc(problem, model, X, y, chunk: int = 4096, want_acc: bool =
     total, correct, count = 0.0, 0.0, 0
     for i in range(0, len(X), chunk):
         xb, yb = X[i:i + chunk], y[i:i + chunk]
-        out = model(xb)
+        out = pure_forward(model, xb)
         n = len(xb)
         total += float(problem.loss_fn(out, yb)) * n
         count += n
@@ -473,7 +483,7 @@ class AdamAlignmentProbe(Probe):
         def pick(src):
             return _concat_by_layer(problem, {n: src[n].reshape(-1)[coords[n]] for n in coords if n in src})
 
-        H = pick(diag) if set(diag) >= set(coords) else _concat_by_layer(problem, diag)
+        H = _concat_by_layer(problem, diag)
         G = pick(g)
         out: dict[str, Any] = {}
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from optiscope.lab.problem import Problem
-from optiscope.lab.probes import ProbeState, make_probes, probe_guard, probe_name
+from optiscope.lab.probes import ProbeState, make_probes, probe_guard, probe_name, pure_forward
 from optiscope.lab.store import METRIC_COLUMNS, RunStore, StoreError
 from optiscope.utils.progress import progress_task
 from optiscope.utils.spec import SpecError, parse_spec
@@ -440,7 +440,7 @@ class Run:
         new_arrays: set[str] = set()
         with probe_guard(self.model), torch.no_grad():
             X, y = self.problem.probe_batch
-            probe_loss = float(self.problem.loss_fn(self.model(X), y))
+            probe_loss = float(self.problem.loss_fn(pure_forward(self.model, X), y))
         if not math.isfinite(probe_loss) or not all(bool(torch.isfinite(p).all()) for _, p in self._trainable()):
             rows.append({"run": self.name, "optimizer": self.label, "step": step, "metric": "diverged", "layer": "",
                          "value": float(step)})
