@@ -171,7 +171,8 @@ def chain_product_median(n_factors: int, dist: Distribution = "uniform", scale: 
     """Exact median of ``|prod_{i=1}^n w_i|`` for i.i.d. weights (002 §3, Thm. 6).
 
     Uniform ``U[-a, a]``: ``a^n exp(-m_n)`` with ``m_n`` the median of ``Gamma(n, 1)``
-    (Choi 1994: ``n - 1/3 < m_n <= n - 1/3 + 8/(405 n)``). Gaussian ``N(0, s^2)``: ``exp(u*)`` with ``u*`` the root
+    (Choi 1994: ``n - 1/3 < m_n < n`` and ``m_n = n - 1/3 + 8/(405 n) + O(n^-2)``). Gaussian ``N(0, s^2)``:
+    ``exp(u*)`` with ``u*`` the root
     of :func:`chain_log_product_cdf` ``= 1/2``. ``n = 0`` gives the empty product ``1``.
     """
     _check_depth("n_factors", n_factors, 0)
@@ -192,8 +193,8 @@ def chain_product_median_approx(n_factors: int, dist: Distribution = "uniform",
                                 scale: float = math.sqrt(3.0)) -> float:
     """Closed-form approximations of the median of ``|prod_{i=1}^n w_i|`` (002 §3, Cor. after Thm. 6).
 
-    Uniform: ``e^{1/3} (a/e)^n`` (from Choi's bound on the Gamma median; relative error ``<= 8/(405 n)`` in the
-    exponent). Gaussian: the CLT value ``exp(n E log|w|) = (s e^{-(gamma_E + log 2)/2})^n``, which ignores the skew of
+    Uniform: ``e^{1/3} (a/e)^n`` (from Choi's expansion of the Gamma median; log-error about ``8/(405 n)``).
+    Gaussian: the CLT value ``exp(n E log|w|) = (s e^{-(gamma_E + log 2)/2})^n``, which ignores the skew of
     ``log|z|`` and is off by tens of percent at moderate ``n`` (use :func:`chain_product_median` for exact values).
     """
     _check_depth("n_factors", n_factors, 0)
@@ -445,7 +446,7 @@ def normalized_second_moment_growth(width: int, depth: int, activation: Activati
     at the critical (Xavier / He) variance ``Var(||x_L||^2/||x||^2) = (1 + c/m)^L - 1`` explodes unless ``m``
     grows at least linearly with ``L``. (Exact for an input with ``sum x_j^4`` irrelevant, i.e. Gaussian weights.)
     """
-    _check_depth("width", width, 1)
+    _check_pos("width", width)
     _check_depth("depth", depth, 0)
     c = {"linear": 2.0, "relu": 5.0}.get(activation)
     if c is None:
