@@ -206,7 +206,7 @@ class TwoLayerLinear(nn.Module):
     the spec's sanity simulation; ``None`` uses LeCun normal ``1/fan_in``). Parameters ``W1``, ``W2``.
     """
 
-    def __init__(self, d: int, m: int, k: int = 1, init_std: float | None = 1e-3, seed: int = 0) -> None:
+    def __init__(self, d: int, m: int = 64, k: int = 1, init_std: float | None = 1e-3, seed: int = 0) -> None:
         super().__init__()
         _positive_int(d, "d"), _positive_int(m, "m"), _positive_int(k, "k")
         if init_std is not None and not init_std > 0:
