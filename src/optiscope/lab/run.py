@@ -344,7 +344,10 @@ class Run:
                 cache = ck.get("probe_cache") or {}
                 last_update = ck.get("last_update")
             df = store.read_metrics()
-            keep = ~((df["run"] == self.name) & (df["step"] > (step if ck is not None else -1)))
+            s0 = step if ck is not None else -1
+            # rows measured after the checkpoint: later steps, and the minibatch loss of update s0 -> s0 + 1
+            after = (df["step"] > s0) | ((df["step"] == s0) & (df["metric"] == "batch_loss"))
+            keep = ~((df["run"] == self.name) & after)
             if not bool(keep.all()):
                 store.write_metrics(df[keep])
             for metric in (info.get("arrays") or []):
