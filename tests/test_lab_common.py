@@ -7,6 +7,9 @@ from torch import nn
 
 from optiscope.lab import Problem
 
+# Tiny tensors: intra-op threads only add contention on the shared 2-core machine.
+torch.set_num_threads(1)
+
 
 def tiny_problem(n: int = 96, d: int = 5, hidden: int = 6, classes: int = 3, seed: int = 0,
                  dtype=torch.float64, bn: bool = False, dropout: float = 0.0) -> Problem:

@@ -13,11 +13,11 @@ from rich.table import Table
 
 from optiscope.utils.progress import set_quiet
 
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -55,7 +55,7 @@ def show_store(store) -> None:
 
     problems = store.check()
     for p in problems:
-        Console(stderr=True).print(f"[yellow]warning:[/] {p}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[yellow]warning:[/] {p}", highlight=False)
     try:
         manifest = store.read_manifest()
     except Exception:
@@ -168,7 +168,7 @@ def register(app: typer.Typer) -> None:
         try:
             store = RunStore.open(run_dir)
             for p in store.check():
-                Console(stderr=True).print(f"[yellow]warning:[/] {p}", highlight=False)
+                Console(stderr=True, soft_wrap=True).print(f"[yellow]warning:[/] {p}", highlight=False)
             manifest = store.read_manifest()
             if manifest.get("experiment") and manifest.get("kind") != "compare":
                 from optiscope.experiments.base import get, run_experiment
@@ -205,7 +205,7 @@ def register(app: typer.Typer) -> None:
         try:
             store = RunStore.open(run_dir)
             for p in store.check():
-                Console(stderr=True).print(f"[yellow]warning:[/] {p}", highlight=False)
+                Console(stderr=True, soft_wrap=True).print(f"[yellow]warning:[/] {p}", highlight=False)
             figs = plot_run(store)
             report = write_report(store)
         except _errors() as e:
