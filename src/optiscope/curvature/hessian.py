@@ -600,15 +600,12 @@ class Hessian:
         m = min(n_lanczos, self.numel)
         g = _generator(seed)
         before = self.n_hvp
-        nodes = np.zeros((n_probes, m))
-        weights = np.zeros((n_probes, m))
-        for p in range(n_probes):
-            v = _rademacher((self.numel,), g, self.dtype, self.device)
-            alpha, beta, _ = _lanczos_tridiag(self._matvec, v, m, g, keep_basis=False)
-            T = np.diag(alpha) + np.diag(beta[: len(alpha) - 1], 1) + np.diag(beta[: len(alpha) - 1], -1)
-            theta, S = np.linalg.eigh(T)
-            nodes[p, : len(theta)] = theta
-            weights[p, : len(theta)] = S[0] ** 2
+        V = _rademacher((n_probes, self.numel), g, self.dtype, self.device)
+        basis_bytes = m * self.numel * first_element_size(self.params)
+        group = int(max(1, min(n_probes, self.chunk_size, self._memory_budget // max(basis_bytes, 1))))
+        parts = [_batched_lanczos_quadrature(self._matmat, V[s:s + group], m, g) for s in range(0, n_probes, group)]
+        nodes = np.concatenate([p[0] for p in parts])
+        weights = np.concatenate([p[1] for p in parts])
         lo, hi = float(nodes.min()), float(nodes.max())
         span = max(hi - lo, 1e-12 * max(1.0, abs(hi)))
         if sigma is None:
@@ -713,31 +710,41 @@ def _orth(w: Tensor, Q: list[Tensor]) -> Tensor:
     return w
 
 
-def _lanczos_tridiag(A: Callable[[Tensor], Tensor], v: Tensor, m: int, g: torch.Generator,
-                     keep_basis: bool = True, n: int | None = None):
-    """``m`` Lanczos steps with full reorthogonalisation from ``v``; returns (alpha, beta, Q)."""
-    n = v.numel() if n is None else n
-    q = v / v.norm()
-    Q: list[Tensor] = [q]
-    alpha, beta = [], []
+def _batched_lanczos_quadrature(AT: Callable[[Tensor], Tensor], V: Tensor, m: int, g: torch.Generator):
+    """Independent Lanczos runs (full reorthogonalisation) from each row of ``V``, advanced together so that each
+    step is one batched HVP call. Returns Gauss quadrature nodes and weights, each ``[P, m]``."""
+    P, n = V.shape
+    Q = torch.zeros(P, m, n, dtype=V.dtype, device=V.device)
+    q = V / V.norm(dim=1, keepdim=True)
+    alpha = np.zeros((P, m))
+    beta = np.zeros((P, max(m - 1, 0)))
     for j in range(m):
-        w = A(q)
-        a = float(q.double() @ w.double())
-        alpha.append(a)
-        w = _orth(w, Q)
-        b = float(w.norm())
-        if j == m - 1 or len(Q) >= n:
-            beta.append(b)
+        Q[:, j] = q
+        W = AT(q)
+        alpha[:, j] = (q.double() * W.double()).sum(1).cpu().numpy()
+        B = Q[:, : j + 1]
+        for _ in range(2):
+            W = W - torch.bmm(B.transpose(1, 2), torch.bmm(B, W.unsqueeze(2))).squeeze(2)
+        if j == m - 1:
             break
-        if b <= 1e-10 * max(1.0, max(abs(x) for x in alpha)):  # invariant subspace: restart orthogonally
-            w = _orth(torch.randn(n, generator=g, dtype=torch.float64).to(v.dtype).to(v.device), Q)
-            beta.append(0.0)
-            q = w / w.norm()
-        else:
-            beta.append(b)
-            q = w / b
-        Q.append(q)
-    return np.array(alpha), np.array(beta), (Q if keep_basis else None)
+        b = W.norm(dim=1)
+        scale = torch.as_tensor(np.abs(alpha[:, : j + 1]).max(1), dtype=b.dtype, device=b.device).clamp_min(1.0)
+        broken = b <= 1e-10 * scale
+        for p in torch.nonzero(broken).reshape(-1).tolist():  # invariant subspace: continue orthogonally
+            w = torch.randn(n, generator=g, dtype=torch.float64).to(V.dtype).to(V.device)
+            for _ in range(2):
+                w = w - B[p].T @ (B[p] @ w)
+            W[p] = w
+            b[p] = 0.0
+        beta[:, j] = b.double().cpu().numpy()
+        q = W / torch.where(broken, W.norm(dim=1), b).unsqueeze(1)
+    nodes = np.zeros((P, m))
+    weights = np.zeros((P, m))
+    for p in range(P):
+        T = np.diag(alpha[p]) + np.diag(beta[p], 1) + np.diag(beta[p], -1)
+        theta, S = np.linalg.eigh(T)
+        nodes[p], weights[p] = theta, S[0] ** 2
+    return nodes, weights
 
 
 def _select(theta: np.ndarray, which: str) -> np.ndarray:
@@ -770,7 +777,7 @@ def _lanczos(A, start: Tensor, n: int, k: int, which: str, tol: float, max_iter:
         hist.append(float(theta[order[0]]))
         scale = max(np.abs(theta).max(), 1e-300)
         breakdown = b <= 1e-10 * scale
-        if m >= k:
+        if m >= k and not breakdown:  # after a breakdown the Krylov space may miss multiplicities: go on
             sel = order[:k]
             res = np.abs(b * S[-1, sel])
             if np.all(res <= tol * np.maximum(np.abs(theta[sel]), 1e-12 * scale)) or m >= n:
