@@ -64,19 +64,21 @@ class Adam(ExactOptimizer):
         beta1, beta2 = group["betas"]
         return 1.0 - beta1 ** (n + 1), 1.0 - beta2 ** (n + 1)
 
-    def _second_moment_denominator(self, group, v_hat: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _denominator_from_v(group, v: torch.Tensor, b2: float) -> torch.Tensor:
+        """``sqrt(v / b2 + eps)`` or ``sqrt(v / b2) + eps`` as a new tensor (one allocation)."""
         if group["eps_inside_sqrt"]:
-            return (v_hat + group["eps"]).sqrt()
-        return v_hat.sqrt() + group["eps"]
+            return torch.div(v, b2).add_(group["eps"]).sqrt_()
+        return torch.div(v, b2).sqrt_().add_(group["eps"])
 
     def _denominator(self, group, p):
         state = self.state.get(p, {})
         v = state.get("v")
         if v is None:
-            return self._second_moment_denominator(group, torch.zeros_like(p))
+            return self._denominator_from_v(group, torch.zeros_like(p), 1.0)
         # the denominator used by the most recent step (n = step - 1)
         _, b2 = self._corrections(group, state["step"] - 1)
-        return self._second_moment_denominator(group, self._v_for_denominator(state) / b2)
+        return self._denominator_from_v(group, self._v_for_denominator(state), b2)
 
     def _v_for_denominator(self, state: dict[str, Any]) -> torch.Tensor:
         return state["v"]
@@ -102,11 +104,11 @@ class Adam(ExactOptimizer):
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
                 else:
                     g = _grad_with_decay(p, group["weight_decay"])
-                state["m"].mul_(beta1).add_(g, alpha=1.0 - beta1)
+                state["m"].lerp_(g, 1.0 - beta1)  # beta1 m + (1 - beta1) g
                 state["v"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
                 self._after_moments(state)
                 b1, b2 = self._corrections(group, n)
-                denom = self._second_moment_denominator(group, self._v_for_denominator(state) / b2)
+                denom = self._denominator_from_v(group, self._v_for_denominator(state), b2)
                 p.addcdiv_(state["m"], denom, value=-group["lr"] / b1)
                 state["step"] = n + 1
         return loss
