@@ -142,11 +142,15 @@ class _Oracle:
         self.space = space
         self.n_grad = 0
         self.n_hvp = 0
+        self._hvp_mode: str | None = None
 
     def _hessian(self, theta: Tensor):
         from optiscope.curvature import Hessian
 
-        return Hessian.from_function(self.f, self.space.unflatten(theta))
+        hess = Hessian.from_function(self.f, self.space.unflatten(theta))
+        if self._hvp_mode is not None:  # the AD mode resolved at the first point holds for the same function
+            hess.hvp_mode = self._hvp_mode
+        return hess
 
     def gradient(self, theta: Tensor) -> tuple[Tensor, object]:
         if not torch.all(torch.isfinite(theta)):
@@ -163,6 +167,7 @@ class _Oracle:
 
     def hvp(self, hess, v: Tensor) -> Tensor:
         out = self.space.flatten(hess.hvp(self.space.unflatten(v)))
+        self._hvp_mode = getattr(hess, "hvp_mode", None)
         self.n_hvp += 1
         if not torch.all(torch.isfinite(out)):
             raise NotTwiceDifferentiableError(

@@ -1,0 +1,30 @@
+"""Helpers shared by the seed-001 experiments (``adam_*``): the bilinear problem and log-log slope fits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from optiscope.optim.flows import model_loss
+from optiscope.zoo.data import HalfMSELoss
+from optiscope.zoo.models import Bilinear
+
+
+def bilinear_problem(y: float = 1.5, theta0: tuple[float, float] = (2.8, 3.5)):
+    """``(f, params0)`` for E = (y - theta1 theta2)^2 / 2 (001 §4) built from :class:`optiscope.zoo.models.Bilinear`."""
+    model = Bilinear(*theta0).double()
+    return model_loss(model, HalfMSELoss(), Bilinear.data(y, dtype=torch.float64))
+
+
+def loglog_slope(hs, errs) -> float:
+    """Least-squares slope of log(err) against log(h): the observed order of accuracy."""
+    hs, errs = np.asarray(hs, float), np.asarray(errs, float)
+    if len(hs) < 2 or np.any(errs <= 0) or not np.all(np.isfinite(errs)):
+        return float("nan")
+    return float(np.polyfit(np.log(hs), np.log(errs), 1)[0])
+
+
+def max_abs_distance(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Per recorded step, the max-norm distance ||a_n - b_n||_inf (001 §5 Fig. 3 uses the infinity norm)."""
+    n = min(len(a), len(b))
+    return (a[:n] - b[:n]).abs().amax(dim=1).double().numpy()
