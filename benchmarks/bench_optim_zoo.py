@@ -17,10 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import timeit, write_section  # noqa: E402
+from _report import timeit, write_section
 
-from optiscope import optim  # noqa: E402
-from optiscope.zoo import build_model, data  # noqa: E402
+from optiscope import optim
+from optiscope.zoo import build_model, data
 
 
 def optimizer_ratio(ours_factory, torch_factory, steps: int = 10) -> tuple[float, float, float]:

@@ -9,8 +9,13 @@ import pytest
 import torch
 
 from optiscope.optim import SGD, ExpLR
-from optiscope.theory.explr import (equivalent_schedule, explr_alpha, exponential_lr, initial_momentum_buffer,
-                                    step_decay_lrs)
+from optiscope.theory.explr import (
+    equivalent_schedule,
+    explr_alpha,
+    exponential_lr,
+    initial_momentum_buffer,
+    step_decay_lrs,
+)
 
 
 def test_alpha_is_larger_root_and_limits():
@@ -25,10 +30,10 @@ def test_alpha_is_larger_root_and_limits():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(lr=0.0, weight_decay=1e-3, momentum=0.9), "lr"),
-    (dict(lr=0.1, weight_decay=-1.0, momentum=0.9), "weight_decay"),
-    (dict(lr=0.1, weight_decay=1e-3, momentum=1.0), "momentum"),
-    (dict(lr=1.0, weight_decay=0.5, momentum=0.9), "no real alpha"),  # lambda*eta > (1 - sqrt(0.9))^2
+    ({"lr": 0.0, "weight_decay": 1e-3, "momentum": 0.9}, "lr"),
+    ({"lr": 0.1, "weight_decay": -1.0, "momentum": 0.9}, "weight_decay"),
+    ({"lr": 0.1, "weight_decay": 1e-3, "momentum": 1.0}, "momentum"),
+    ({"lr": 1.0, "weight_decay": 0.5, "momentum": 0.9}, "no real alpha"),  # lambda*eta > (1 - sqrt(0.9))^2
 ])
 def test_alpha_invalid(kw, match):
     with pytest.raises(ValueError, match=match):

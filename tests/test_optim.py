@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from optiscope.optim import (OPTIMIZERS, SGD, Adagrad, Adam, AMSGrad, HeavyBall, RMSProp, SignGD,
-                             make_optimizer)
+from optiscope.optim import (
+    OPTIMIZERS,
+    SGD,
+    Adagrad,
+    Adam,
+    AMSGrad,
+    HeavyBall,
+    RMSProp,
+    SignGD,
+    make_optimizer,
+)
 
 A = np.array([[3.0, 0.5, 0.0], [0.5, 1.0, -0.2], [0.0, -0.2, 0.1]])
 B = np.array([1.0, -2.0, 0.5])
@@ -83,21 +92,21 @@ def test_adam_first_step_bias_correction_power_is_one():
 
 
 def test_adam_eps_outside_equals_torch_adam():
-    kw = dict(lr=0.03, betas=(0.9, 0.99), eps=1e-3, weight_decay=0.01)
+    kw = {"lr": 0.03, "betas": (0.9, 0.99), "eps": 1e-3, "weight_decay": 0.01}
     ours, _ = run_torch(lambda p: Adam(p, eps_inside_sqrt=False, **kw), steps=8)
     ref, _ = run_torch(lambda p: torch.optim.Adam(p, **kw), steps=8)
     np.testing.assert_allclose(ours, ref, atol=1e-13)
 
 
 def test_adamw_decoupled_equals_torch_adamw():
-    kw = dict(lr=0.03, betas=(0.9, 0.99), eps=1e-3, weight_decay=0.1)
+    kw = {"lr": 0.03, "betas": (0.9, 0.99), "eps": 1e-3, "weight_decay": 0.1}
     ours, _ = run_torch(lambda p: Adam(p, eps_inside_sqrt=False, decoupled_weight_decay=True, **kw), steps=8)
     ref, _ = run_torch(lambda p: torch.optim.AdamW(p, **kw), steps=8)
     np.testing.assert_allclose(ours, ref, atol=1e-13)
 
 
 def test_amsgrad_hand_and_torch():
-    kw = dict(lr=0.05, betas=(0.5, 0.9), eps=1e-3)
+    kw = {"lr": 0.05, "betas": (0.5, 0.9), "eps": 1e-3}
     ours, _ = run_torch(lambda p: AMSGrad(p, **kw), steps=10)
     ref = adam_reference(0.05, 0.5, 0.9, 1e-3, inside=False, bias_correction=True, steps=10, amsgrad=True)
     np.testing.assert_allclose(ours, ref, atol=1e-13)
@@ -124,14 +133,14 @@ def test_rmsprop_hand_computed(inside):
 
 
 def test_rmsprop_eps_outside_with_momentum_equals_torch():
-    kw = dict(lr=0.01, eps=1e-4, momentum=0.9, weight_decay=0.05)
+    kw = {"lr": 0.01, "eps": 1e-4, "momentum": 0.9, "weight_decay": 0.05}
     ours, _ = run_torch(lambda p: RMSProp(p, beta=0.95, eps_inside_sqrt=False, **kw), steps=8)
     ref, _ = run_torch(lambda p: torch.optim.RMSprop(p, alpha=0.95, **kw), steps=8)
     np.testing.assert_allclose(ours, ref, atol=1e-13)
 
 
 def test_adagrad_hand_and_torch():
-    kw = dict(lr=0.1, eps=1e-6, lr_decay=0.05, initial_accumulator_value=0.2, weight_decay=0.01)
+    kw = {"lr": 0.1, "eps": 1e-6, "lr_decay": 0.05, "initial_accumulator_value": 0.2, "weight_decay": 0.01}
     ours, opt = run_torch(lambda p: Adagrad(p, **kw), steps=7)
     ref, _ = run_torch(lambda p: torch.optim.Adagrad(p, **kw), steps=7)
     np.testing.assert_allclose(ours, ref, atol=1e-13)
@@ -144,8 +153,8 @@ def test_adagrad_hand_and_torch():
     np.testing.assert_allclose(opt.diagonal_preconditioner()[0].numpy(), np.sqrt(s) + 1e-6, atol=1e-13)
 
 
-@pytest.mark.parametrize("kw", [dict(momentum=0.0), dict(momentum=0.9, weight_decay=1e-3),
-                                dict(momentum=0.5, dampening=0.3), dict(momentum=0.9, nesterov=True)])
+@pytest.mark.parametrize("kw", [{"momentum": 0.0}, {"momentum": 0.9, "weight_decay": 1e-3},
+                                {"momentum": 0.5, "dampening": 0.3}, {"momentum": 0.9, "nesterov": True}])
 def test_sgd_equals_torch_sgd(kw):
     lrs = [0.05, 0.05, 0.02, 0.02, 0.01, 0.01, 0.01, 0.005]
     ours, _ = run_torch(lambda p: SGD(p, lr=0.05, **kw), steps=8, lr_sequence=lrs)
@@ -218,16 +227,16 @@ def test_perturbation_eps_rejects_mixed_groups():
 
 
 @pytest.mark.parametrize("factory,kw,match", [
-    (Adam, dict(lr=0.0), "learning rate"), (Adam, dict(lr=-1e-3), "learning rate"),
-    (Adam, dict(lr=float("nan")), "learning rate"),
-    (Adam, dict(betas=(1.0, 0.9)), "betas"), (Adam, dict(betas=(0.9, -0.1)), "betas"),
-    (Adam, dict(betas=(0.9,)), "betas"), (Adam, dict(eps=-1e-8), "eps"),
-    (AMSGrad, dict(betas=(0.9, 1.2)), "betas"), (RMSProp, dict(beta=1.0), "beta"),
-    (RMSProp, dict(eps=-1.0), "eps"), (RMSProp, dict(momentum=1.0), "momentum"),
-    (Adagrad, dict(lr=0), "learning rate"), (Adagrad, dict(eps=-1), "eps"),
-    (SGD, dict(momentum=1.0), "momentum"), (SGD, dict(momentum=-1.0), "momentum"),
-    (SGD, dict(weight_decay=-0.1), "weight_decay"), (HeavyBall, dict(momentum=1.5), "momentum"),
-    (HeavyBall, dict(momentum=-1.0), "momentum"), (SignGD, dict(lr=-0.1), "learning rate"),
+    (Adam, {"lr": 0.0}, "learning rate"), (Adam, {"lr": -1e-3}, "learning rate"),
+    (Adam, {"lr": float("nan")}, "learning rate"),
+    (Adam, {"betas": (1.0, 0.9)}, "betas"), (Adam, {"betas": (0.9, -0.1)}, "betas"),
+    (Adam, {"betas": (0.9,)}, "betas"), (Adam, {"eps": -1e-8}, "eps"),
+    (AMSGrad, {"betas": (0.9, 1.2)}, "betas"), (RMSProp, {"beta": 1.0}, "beta"),
+    (RMSProp, {"eps": -1.0}, "eps"), (RMSProp, {"momentum": 1.0}, "momentum"),
+    (Adagrad, {"lr": 0}, "learning rate"), (Adagrad, {"eps": -1}, "eps"),
+    (SGD, {"momentum": 1.0}, "momentum"), (SGD, {"momentum": -1.0}, "momentum"),
+    (SGD, {"weight_decay": -0.1}, "weight_decay"), (HeavyBall, {"momentum": 1.5}, "momentum"),
+    (HeavyBall, {"momentum": -1.0}, "momentum"), (SignGD, {"lr": -0.1}, "learning rate"),
 ])
 def test_invalid_hyperparameters_raise_value_error(factory, kw, match):
     with pytest.raises(ValueError, match=match):

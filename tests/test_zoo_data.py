@@ -10,9 +10,23 @@ import numpy as np
 import pytest
 import torch
 
-from optiscope.zoo.data import (DATASETS, FASHION_MNIST_DIR, FORTUNES_DIR, HalfMSELoss, SequenceCrossEntropy,
-                                batch_iterator, default_loss, digits, fashion_mnist, fortune_files, fortunes,
-                                load_dataset, powerlaw_features, random_labels, teacher_regression)
+from optiscope.zoo.data import (
+    DATASETS,
+    FASHION_MNIST_DIR,
+    FORTUNES_DIR,
+    HalfMSELoss,
+    SequenceCrossEntropy,
+    batch_iterator,
+    default_loss,
+    digits,
+    fashion_mnist,
+    fortune_files,
+    fortunes,
+    load_dataset,
+    powerlaw_features,
+    random_labels,
+    teacher_regression,
+)
 
 needs_fashion = pytest.mark.skipif(not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").exists(),
                                    reason="apt-get install dataset-fashion-mnist")

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from optiscope.zoo import (FCN, MLP, MODELS, Bilinear, DeepLinear, HalfMSELoss, NeuralChain, SmallCNN,
-                           StrippedResNet, TinyTransformer, TwoLayerLinear, build_model, digits, fortunes,
-                           teacher_regression)
+from optiscope.zoo import (
+    FCN,
+    MLP,
+    MODELS,
+    Bilinear,
+    DeepLinear,
+    HalfMSELoss,
+    NeuralChain,
+    SmallCNN,
+    StrippedResNet,
+    TinyTransformer,
+    TwoLayerLinear,
+    build_model,
+    digits,
+    fortunes,
+    teacher_regression,
+)
 from optiscope.zoo.init import INITS, init_variance, init_weight_, parse_init
 
 
@@ -216,7 +229,7 @@ def test_fcn_padding_modes_and_resnet_flags():
     assert torch.allclose(circ(torch.roll(x, 2, dims=3)), torch.roll(circ(x), 2, dims=3), atol=1e-6)
     with pytest.raises(ValueError, match="odd"):
         FCN(kernel=4)
-    kw = dict(image_shape=(3, 16, 16), stages=(3, 3), channels=(4, 8), seed=0)
+    kw = {"image_shape": (3, 16, 16), "stages": (3, 3), "channels": (4, 8), "seed": 0}
     plain, res, bn = StrippedResNet(**kw), StrippedResNet(residual=True, **kw), StrippedResNet(batchnorm=True, **kw)
     n_conv = sum(isinstance(mod, nn.Conv2d) for mod in plain.modules())
     assert n_conv == 1 + 3 + 3

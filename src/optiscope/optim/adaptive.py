@@ -7,12 +7,20 @@ of the step being taken (so the bias-correction powers are ``n + 1``), all opera
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from optiscope.optim.base import (ExactOptimizer, check_beta, check_betas, check_eps, check_lr, check_momentum,
-                                  check_weight_decay)
+from optiscope.optim.base import (
+    ExactOptimizer,
+    check_beta,
+    check_betas,
+    check_eps,
+    check_lr,
+    check_momentum,
+    check_weight_decay,
+)
 
 
 def _grad_with_decay(p: torch.Tensor, weight_decay: float) -> torch.Tensor:
@@ -48,10 +56,10 @@ class Adam(ExactOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, eps_inside_sqrt: bool = True, bias_correction: bool = True,
                  weight_decay: float = 0.0, decoupled_weight_decay: bool = False) -> None:
-        defaults = dict(lr=check_lr(lr), betas=check_betas(betas), eps=check_eps(eps),
-                        eps_inside_sqrt=bool(eps_inside_sqrt), bias_correction=bool(bias_correction),
-                        weight_decay=check_weight_decay(weight_decay),
-                        decoupled_weight_decay=bool(decoupled_weight_decay))
+        defaults = {"lr": check_lr(lr), "betas": check_betas(betas), "eps": check_eps(eps),
+                        "eps_inside_sqrt": bool(eps_inside_sqrt), "bias_correction": bool(bias_correction),
+                        "weight_decay": check_weight_decay(weight_decay),
+                        "decoupled_weight_decay": bool(decoupled_weight_decay)}
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -173,9 +181,9 @@ class RMSProp(ExactOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, beta: float = 0.99, eps: float = 1e-8,
                  eps_inside_sqrt: bool = True, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
-        defaults = dict(lr=check_lr(lr), beta=check_beta(beta, "beta"), eps=check_eps(eps),
-                        eps_inside_sqrt=bool(eps_inside_sqrt), momentum=check_momentum(momentum),
-                        weight_decay=check_weight_decay(weight_decay))
+        defaults = {"lr": check_lr(lr), "beta": check_beta(beta, "beta"), "eps": check_eps(eps),
+                        "eps_inside_sqrt": bool(eps_inside_sqrt), "momentum": check_momentum(momentum),
+                        "weight_decay": check_weight_decay(weight_decay)}
         super().__init__(params, defaults)
 
     def _validate_group(self, group):
@@ -243,9 +251,9 @@ class Adagrad(ExactOptimizer):
             raise ValueError(f"invalid lr_decay={lr_decay!r}: must be >= 0")
         if not isinstance(initial_accumulator_value, (int, float)) or initial_accumulator_value < 0:
             raise ValueError(f"invalid initial_accumulator_value={initial_accumulator_value!r}: must be >= 0")
-        defaults = dict(lr=check_lr(lr), eps=check_eps(eps), lr_decay=float(lr_decay),
-                        initial_accumulator_value=float(initial_accumulator_value),
-                        eps_inside_sqrt=bool(eps_inside_sqrt), weight_decay=check_weight_decay(weight_decay))
+        defaults = {"lr": check_lr(lr), "eps": check_eps(eps), "lr_decay": float(lr_decay),
+                        "initial_accumulator_value": float(initial_accumulator_value),
+                        "eps_inside_sqrt": bool(eps_inside_sqrt), "weight_decay": check_weight_decay(weight_decay)}
         super().__init__(params, defaults)
 
     def _validate_group(self, group):

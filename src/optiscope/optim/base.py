@@ -17,7 +17,8 @@ non-finite) and the training loop reports "diverged at step t" (DESIGN.md "Conve
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 

@@ -6,7 +6,8 @@ this module applies them to a momentum-SGD optimizer (:class:`optiscope.optim.SG
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ class ExpLR(torch.optim.lr_scheduler.LRScheduler):
 
     @classmethod
     def step_decay(cls, optimizer: torch.optim.Optimizer, weight_decay: float, total_steps: int,
-                   milestones: Sequence[int] = (), factor: float = 0.1, **kwargs) -> "ExpLR":
+                   milestones: Sequence[int] = (), factor: float = 0.1, **kwargs) -> ExpLR:
         """ExpLR equivalent to step decay ``eta_t = base_lr * factor^{#milestones <= t}`` (seed 003 TEXP)."""
         return cls(optimizer, weight_decay, multipliers=step_decay_lrs(1.0, total_steps, milestones, factor),
                    **kwargs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -31,8 +31,8 @@ class SGD(ExactOptimizer):
             raise ValueError(f"invalid dampening={dampening!r}: must lie in [0, 1]")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
-        defaults = dict(lr=check_lr(lr), momentum=check_momentum(momentum), dampening=float(dampening),
-                        weight_decay=check_weight_decay(weight_decay), nesterov=bool(nesterov))
+        defaults = {"lr": check_lr(lr), "momentum": check_momentum(momentum), "dampening": float(dampening),
+                        "weight_decay": check_weight_decay(weight_decay), "nesterov": bool(nesterov)}
         super().__init__(params, defaults)
 
     def _validate_group(self, group):
@@ -80,8 +80,8 @@ class HeavyBall(ExactOptimizer):
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
-        defaults = dict(lr=check_lr(lr), momentum=check_momentum(momentum),
-                        weight_decay=check_weight_decay(weight_decay))
+        defaults = {"lr": check_lr(lr), "momentum": check_momentum(momentum),
+                        "weight_decay": check_weight_decay(weight_decay)}
         super().__init__(params, defaults)
 
     def _validate_group(self, group):
@@ -122,7 +122,7 @@ class SignGD(ExactOptimizer):
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
-        defaults = dict(lr=check_lr(lr), weight_decay=check_weight_decay(weight_decay))
+        defaults = {"lr": check_lr(lr), "weight_decay": check_weight_decay(weight_decay)}
         super().__init__(params, defaults)
 
     def _validate_group(self, group):

@@ -19,8 +19,9 @@ parameter that receives weight decay to be scale-invariant; the identity is for 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 

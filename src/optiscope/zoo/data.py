@@ -15,9 +15,10 @@ import functools
 import gzip
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -246,11 +247,11 @@ def fortunes(seq_len: int = 64, n_train: int | None = None, n_test: int | None =
     te = te[_subset(len(te), n_test, seed + 2, "n_test")]
     tr_t, te_t = torch.as_tensor(tr), torch.as_tensor(te)
     return Dataset("fortunes", (chunks[tr_t, :-1], chunks[tr_t, 1:]), (chunks[te_t, :-1], chunks[te_t, 1:]),
-                   256, (seq_len,), "lm", {"files": names, "n_bytes": int(len(data)), "seq_len": seq_len})
+                   256, (seq_len,), "lm", {"files": names, "n_bytes": len(data), "seq_len": seq_len})
 
 
 # --------------------------------------------------------------------------------------------- synthetic
-def random_labels(dataset: "Dataset | str" = "digits", seed: int = 0, n_classes: int | None = None,
+def random_labels(dataset: Dataset | str = "digits", seed: int = 0, n_classes: int | None = None,
                   **base_kwargs: Any) -> Dataset:
     """The same inputs with i.i.d. uniformly random integer targets (seed 000 §4.2, "random dataset").
 

@@ -15,8 +15,8 @@ for ``nn.Linear`` / ``nn.Conv2d``: weights and biases ``U[-1/sqrt(fan_in), 1/sqr
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

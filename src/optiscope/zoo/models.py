@@ -8,7 +8,8 @@ builds one by name (``MODELS``), inferring input and output sizes from the datas
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
