@@ -18,12 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from _report import timeit, write_section  # noqa: E402
+import torch
+from _report import timeit, write_section
 
-from optiscope.lab import ProbeState, Run, make_probes  # noqa: E402
-from optiscope.lab.config import build_problem, demo_config  # noqa: E402
-from optiscope.lab.probes import probe_guard  # noqa: E402
+from optiscope.lab import ProbeState, Run, make_probes
+from optiscope.lab.config import build_problem, demo_config
+from optiscope.lab.probes import probe_guard
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_lab_common import regression_problem, tiny_problem
 
-from optiscope.lab import (Run, RunStore, batch_indices, compare, match_by_loss, matched_values, repeat, switch)
+from optiscope.lab import Run, RunStore, batch_indices, compare, match_by_loss, matched_values, repeat, switch
 
 
 def sgd(lr):
@@ -82,7 +82,7 @@ def test_compare_same_init_same_order_and_model_untouched(tmp_path):
     init = copy.deepcopy(pb.model.state_dict())
     res = compare(pb, {"a": sgd(0.1), "b": sgd(0.1), "c": "adam:lr=1e-2"}, steps=6, batch_size=16, probe_every=3,
                   probes=["loss", "grad_norm"], store=tmp_path)
-    a, b, c = (res[k].metrics.drop(columns=["run"]) for k in "abc")
+    a, b = (res[k].metrics.drop(columns=["run"]) for k in "ab")
     pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))  # identical trajectories
     la, lc = res["a"].series("loss"), res["c"].series("loss")
     assert la[0] == lc[0] and la[6] != lc[6]

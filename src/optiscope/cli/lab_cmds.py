@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -105,21 +104,21 @@ def show_store(store) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("compare")
     def compare_cmd(
-        model: Optional[str] = typer.Option(None, "--model", help="zoo model spec, e.g. mlp:depth=3,width=64"),
-        data: Optional[str] = typer.Option(None, "--data", help="zoo dataset spec, e.g. digits"),
-        opt: List[str] = typer.Option([], "--opt", help="optimizer spec, repeatable: adam:lr=1e-3"),
-        name: List[str] = typer.Option([], "--name", help="run name per --opt (default: optimizer name)"),
-        steps: Optional[int] = typer.Option(None, "--steps"),
-        batch: Optional[int] = typer.Option(None, "--batch", help="batch size"),
-        probe_every: Optional[int] = typer.Option(None, "--probe-every"),
-        probe_steps: Optional[str] = typer.Option(None, "--probe-steps", help="extra probe steps: 10,20,300"),
-        probes: Optional[str] = typer.Option(None, "--probes", help="loss,r_med:per_layer=100,sharpness,..."),
-        seed: Optional[int] = typer.Option(None, "--seed"),
-        lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="cosine | linear | step:every=..."),
-        full_batch: Optional[bool] = typer.Option(None, "--full-batch/--minibatch"),
-        chunks: Optional[int] = typer.Option(None, "--accumulation-chunks"),
-        config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML file of CompareConfig fields"),
-        set_: List[str] = typer.Option([], "--set", help="override a config field: key=value"),
+        model: str | None = typer.Option(None, "--model", help="zoo model spec, e.g. mlp:depth=3,width=64"),
+        data: str | None = typer.Option(None, "--data", help="zoo dataset spec, e.g. digits"),
+        opt: list[str] = typer.Option([], "--opt", help="optimizer spec, repeatable: adam:lr=1e-3"),
+        name: list[str] = typer.Option([], "--name", help="run name per --opt (default: optimizer name)"),
+        steps: int | None = typer.Option(None, "--steps"),
+        batch: int | None = typer.Option(None, "--batch", help="batch size"),
+        probe_every: int | None = typer.Option(None, "--probe-every"),
+        probe_steps: str | None = typer.Option(None, "--probe-steps", help="extra probe steps: 10,20,300"),
+        probes: str | None = typer.Option(None, "--probes", help="loss,r_med:per_layer=100,sharpness,..."),
+        seed: int | None = typer.Option(None, "--seed"),
+        lr_schedule: str | None = typer.Option(None, "--lr-schedule", help="cosine | linear | step:every=..."),
+        full_batch: bool | None = typer.Option(None, "--full-batch/--minibatch"),
+        chunks: int | None = typer.Option(None, "--accumulation-chunks"),
+        config: Path | None = typer.Option(None, "--config", help="YAML/TOML file of CompareConfig fields"),
+        set_: list[str] = typer.Option([], "--set", help="override a config field: key=value"),
         out: Path = typer.Option(Path("runs/compare"), "--out", help="run directory"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ) -> None:
@@ -217,8 +216,8 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_cmd(
         out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
-        data: Optional[str] = typer.Option(None, "--data", help="dataset (default fashion_mnist, else digits)"),
-        steps: Optional[int] = typer.Option(None, "--steps"),
+        data: str | None = typer.Option(None, "--data", help="dataset (default fashion_mnist, else digits)"),
+        steps: int | None = typer.Option(None, "--steps"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ) -> None:
         """SGD+M vs Adam from the same init on Fashion-MNIST: loss, R_med, sharpness, one-norm; figures + report."""

@@ -4,8 +4,8 @@
 ``RunStore`` (``lab.store``), CLI-level configs (``lab.config``). See docs/architecture.md, section "lab".
 """
 
-from optiscope.lab.problem import Problem
 from optiscope.lab.probes import PROBES, ProbeState, make_probe, make_probes, probe_guard
+from optiscope.lab.problem import Problem
 from optiscope.lab.run import (
     CompareResult,
     RepeatResult,
@@ -22,7 +22,23 @@ from optiscope.lab.run import (
 from optiscope.lab.store import RunStore, StoreError
 
 __all__ = [
-    "Problem", "Run", "RunResult", "CompareResult", "RepeatResult", "compare", "switch", "repeat",
-    "match_by_loss", "matched_values", "summarize_repeats", "batch_indices", "PROBES", "ProbeState", "make_probe",
-    "make_probes", "probe_guard", "RunStore", "StoreError",
+    "PROBES",
+    "CompareResult",
+    "ProbeState",
+    "Problem",
+    "RepeatResult",
+    "Run",
+    "RunResult",
+    "RunStore",
+    "StoreError",
+    "batch_indices",
+    "compare",
+    "make_probe",
+    "make_probes",
+    "match_by_loss",
+    "matched_values",
+    "probe_guard",
+    "repeat",
+    "summarize_repeats",
+    "switch",
 ]

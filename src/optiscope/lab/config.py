@@ -13,8 +13,8 @@ from typing import Literal
 
 import torch
 
-from optiscope.lab.problem import Problem
 from optiscope.lab.probes import make_probes
+from optiscope.lab.problem import Problem
 from optiscope.lab.run import CompareResult, compare, lr_factor_fn, optimizer_label
 from optiscope.lab.store import RunStore
 from optiscope.utils.config import Config, ConfigError, require

@@ -34,8 +34,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch

@@ -8,8 +8,9 @@ also used large batch sizes").  A *layer* is a named group of parameters; by def
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,7 +99,7 @@ class Problem:
     # -- construction from the zoo -------------------------------------------------------------------
     @classmethod
     def from_specs(cls, model: str, data: str, seed: int = 0, probe_size: int = 1024, loss: Any = None,
-                   dtype: torch.dtype | None = None, **data_kw: Any) -> "Problem":
+                   dtype: torch.dtype | None = None, **data_kw: Any) -> Problem:
         """Build from zoo specs: ``Problem.from_specs("mlp:depth=3,width=64", "digits", seed=0)``.
 
         Unknown model/dataset names raise ``ValueError`` listing the valid ones (from the zoo).

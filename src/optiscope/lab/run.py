@@ -18,17 +18,18 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from optiscope.lab.problem import Problem
 from optiscope.lab.probes import ProbeState, make_probes, probe_guard, probe_name, pure_forward
+from optiscope.lab.problem import Problem
 from optiscope.lab.store import METRIC_COLUMNS, RunStore, StoreError
 from optiscope.utils.progress import progress_task
 from optiscope.utils.spec import SpecError, parse_spec

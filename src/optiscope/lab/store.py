@@ -24,8 +24,9 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -67,7 +68,7 @@ def environment_info() -> dict[str, Any]:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 class RunStore:
@@ -85,7 +86,7 @@ class RunStore:
         self._metrics_cache: pd.DataFrame | None = None
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> "RunStore":
+    def open(cls, root: str | os.PathLike) -> RunStore:
         return cls(root, create=False)
 
     # -- paths --------------------------------------------------------------------------------------

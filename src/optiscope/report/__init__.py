@@ -3,4 +3,4 @@
 from optiscope.report.figures import plot_loss, plot_one_norm, plot_r_med, plot_run, plot_sharpness
 from optiscope.report.markdown import write_report
 
-__all__ = ["write_report", "plot_run", "plot_loss", "plot_r_med", "plot_sharpness", "plot_one_norm"]
+__all__ = ["plot_loss", "plot_one_norm", "plot_r_med", "plot_run", "plot_sharpness", "write_report"]

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from optiscope.lab.store import RunStore, StoreError
 
 
@@ -82,7 +84,7 @@ def lab_summary(store: RunStore, manifest: dict) -> list[str]:
             lines.append("| run | " + " | ".join(fv.columns) + " |")
             lines.append("|---" * (len(fv.columns) + 1) + "|")
             for run, row in fv.iterrows():
-                lines.append(f"| {run} | " + " | ".join(_fmt(float(v)) if v == v else "" for v in row) + " |")
+                lines.append(f"| {run} | " + " | ".join(_fmt(float(v)) if not pd.isna(v) else "" for v in row) + " |")
             lines.append("")
         fl = final_layer_values(df, "r_med")
         if fl is not None:
@@ -90,7 +92,7 @@ def lab_summary(store: RunStore, manifest: dict) -> list[str]:
             lines.append("| layer | " + " | ".join(fl.columns) + " |")
             lines.append("|---" * (len(fl.columns) + 1) + "|")
             for layer, row in fl.iterrows():
-                lines.append(f"| {layer} | " + " | ".join(_fmt(float(v)) if v == v else "" for v in row) + " |")
+                lines.append(f"| {layer} | " + " | ".join(_fmt(float(v)) if not pd.isna(v) else "" for v in row) + " |")
             lines.append("")
     return lines
 
