@@ -104,3 +104,23 @@ def test_bad_input():
         parameter_groups(model, "layer")
     with pytest.raises(ValueError, match="batch"):
         scale_invariance_report(model, nn.functional.cross_entropy, [1, 2, 3])
+
+
+def test_perturbations_expose_accidental_invariance_at_init():
+    # zoo-style init: BN gamma = 1, beta = 0 and zero biases. gamma -> ReLU -> Linear -> BN is invariant while
+    # beta = 0 (ReLU is positively homogeneous), and a zero final bias is unchanged by rescaling.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, eps=1e-30), nn.ReLU(), nn.Linear(8, 8),
+                          nn.BatchNorm1d(8, eps=1e-30), nn.ReLU(), nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        model[6].bias.zero_()
+    data = _data()
+    at_init = scale_invariance_report(model, nn.functional.cross_entropy, data, tol=1e-10)
+    assert at_init["1.weight"].invariant  # accidental
+    assert not at_init["6.bias"].invariant  # zero tensor: vacuous test, never invariant
+    robust = scale_invariance_report(model, nn.functional.cross_entropy, data, tol=1e-10, perturbations=2)
+    assert not robust["1.weight"].invariant and not robust["6.bias"].invariant
+    assert robust["0.weight"].invariant and robust["3.weight"].invariant and robust["0.bias"].invariant
+    assert robust["1.weight"].cosine == at_init["1.weight"].cosine  # point measurements are at theta itself
+    with pytest.raises(ValueError, match="perturbations"):
+        scale_invariance_report(model, nn.functional.cross_entropy, data, perturbations=-1)

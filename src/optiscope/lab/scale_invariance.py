@@ -32,7 +32,7 @@ class GroupScaleInvariance:
     ``loss_rel_change``: ``max_c |L(c theta_g) - L(theta)| / max(|L(theta)|, tiny)`` over the tested scales;
     ``inner_product``: ``<grad_g L, theta_g>``; ``cosine``: it divided by ``||grad_g|| ||theta_g||`` (nan if either is
     0); ``grad_ratio_error``: ``max_c ||c grad_g L(c theta_g) - grad_g L(theta)|| / ||grad_g L(theta)||``; both are nan
-    for a group the loss does not depend on; ``invariant``: ``loss_rel_change <= tol``; ``depends``: the group's gradient norm is above
+    for a group the loss does not depend on; ``invariant``: ``loss_rel_change <= tol`` (at every tested point, and the group is not identically zero); ``depends``: the group's gradient norm is above
     ``independence_tol`` times the largest group's (False for e.g. a bias right before a BatchNorm, which the normalisation cancels).
     """
 
@@ -120,7 +120,8 @@ def _batches(data: Any) -> list[Batch]:
 def scale_invariance_report(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                             data: Any, groups: str | Mapping[str, Sequence[str]] = "parameter",
                             scales: Iterable[float] = (0.5, 2.0), tol: float = 1e-4,
-                            train_mode: bool | None = None, independence_tol: float = 1e-6
+                            train_mode: bool | None = None, independence_tol: float = 1e-6,
+                            perturbations: int = 0, perturbation_scale: float = 0.1, seed: int = 0
                             ) -> ScaleInvarianceReport:
     """Measure seed 003 Lemma 1 for every parameter group of ``model`` (see the module docstring).
 
@@ -130,7 +131,18 @@ def scale_invariance_report(model: nn.Module, loss_fn: Callable[[torch.Tensor, t
     loss change below which a group counts as invariant (normalisation ``eps`` breaks exact invariance slightly).
     A group counts as one the loss ``depends`` on when its gradient norm exceeds ``independence_tol`` times the
     largest group gradient norm (a bias right before a BatchNorm has a gradient at rounding level).
+
+    Invariance measured at one point can be accidental: a BatchNorm ``gamma`` with ``beta = 0`` followed by ReLU
+    and another normalisation is invariant at init only, and a zero tensor is unchanged by any rescaling.
+    ``perturbations = k > 0`` repeats the loss test at ``k`` random points ``theta + perturbation_scale * rms(p) *
+    N(0, I)`` per tensor (``rms = 1`` for a zero tensor; ``torch.Generator`` seeded with ``seed``): a group is
+    invariant only if it is at every point. A group that is zero at every tested point is never invariant (the test
+    is vacuous). The reported inner products, cosines and gradient ratios are those at ``theta`` itself.
     """
+    if isinstance(perturbations, bool) or not isinstance(perturbations, int) or perturbations < 0:
+        raise ValueError(f"perturbations must be an integer >= 0, got {perturbations!r}")
+    if not (math.isfinite(perturbation_scale) and perturbation_scale > 0):
+        raise ValueError(f"perturbation_scale must be a finite number > 0, got {perturbation_scale}")
     scales = tuple(float(c) for c in scales)
     if not scales or any(not math.isfinite(c) or c <= 0 or c == 1.0 for c in scales):
         raise ValueError(f"scales must be finite, > 0 and != 1, got {scales}")
@@ -165,6 +177,16 @@ def scale_invariance_report(model: nn.Module, loss_fn: Callable[[torch.Tensor, t
         with torch.random.fork_rng(devices=[]):
             state = torch.random.get_rng_state()
             base_loss, base_grad = loss_and_grad(params)
+            gen = torch.Generator().manual_seed(int(seed))
+            points = []
+            for _ in range(perturbations):
+                pt = {}
+                for n, p in params.items():
+                    rms = float(p.double().pow(2).mean().sqrt()) if p.numel() else 0.0
+                    noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+                    pt[n] = p + perturbation_scale * (rms if rms > 0 else 1.0) * noise
+                torch.random.set_rng_state(state)
+                points.append((pt, loss_and_grad(pt)[0]))
             results = []
             for gname, names in group_map.items():
                 theta = torch.cat([params[n].reshape(-1) for n in names])
@@ -183,12 +205,22 @@ def scale_invariance_report(model: nn.Module, loss_fn: Callable[[torch.Tensor, t
                     if gnorm > 0:
                         gcv = torch.cat([gc[n].reshape(-1) for n in names])
                         ratio_err = max(ratio_err, float((c * gcv - g).norm()) / gnorm)
+                testable = norm > 0
+                for pt, pt_loss in points:
+                    for c in scales:
+                        torch.random.set_rng_state(state)
+                        scaled = dict(pt)
+                        for n in names:
+                            scaled[n] = pt[n] * c
+                        lc = loss_and_grad(scaled)[0]
+                        loss_change = max(loss_change, abs(lc - pt_loss) / max(abs(pt_loss), 1e-300))
+                    testable = testable or any(float(pt[n].norm()) > 0 for n in names)
                 if gnorm == 0:
                     ratio_err = float("nan")
                 results.append(GroupScaleInvariance(
                     name=gname, params=list(names), numel=int(theta.numel()), norm=norm, grad_norm=gnorm,
                     inner_product=inner, cosine=cosine, loss_rel_change=loss_change, grad_ratio_error=ratio_err,
-                    invariant=bool(loss_change <= tol), depends=True))
+                    invariant=bool(testable and loss_change <= tol), depends=True))
     finally:
         model.train(was_training)
     # a group whose gradient is at rounding level relative to the largest one does not influence the loss
