@@ -60,7 +60,7 @@ def show_store(store) -> None:
     except Exception:
         manifest = {}
     runs = manifest.get("runs") or {}
-    title = f"{store.root}  [{manifest.get('status', 'unknown')}]"
+    title = f"{store.root}  (status: {manifest.get('status', 'unknown')})"
     try:
         df = store.read_metrics()
     except Exception:
