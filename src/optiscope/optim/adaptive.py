@@ -192,7 +192,7 @@ class RMSProp(ExactOptimizer):
 
     @staticmethod
     def _denom_from_v(group, v):
-        return (v + group["eps"]).sqrt() if group["eps_inside_sqrt"] else v.sqrt() + group["eps"]
+        return v.add(group["eps"]).sqrt_() if group["eps_inside_sqrt"] else v.sqrt().add_(group["eps"])
 
     def _denominator(self, group, p):
         v = self.state.get(p, {}).get("v")
@@ -261,7 +261,7 @@ class Adagrad(ExactOptimizer):
 
     @staticmethod
     def _denom_from_sum(group, s):
-        return (s + group["eps"]).sqrt() if group["eps_inside_sqrt"] else s.sqrt() + group["eps"]
+        return s.add(group["eps"]).sqrt_() if group["eps_inside_sqrt"] else s.sqrt().add_(group["eps"])
 
     def _denominator(self, group, p):
         s = self.state.get(p, {}).get("sum")
