@@ -1,0 +1,117 @@
+"""Experiment 7 of issue 8: an image task where Adam is not faster (seed 000 App. A.8, Fig. 13(b), Table 10).
+
+``SmallCNN`` on a Fashion-MNIST subset (grey 28x28, 10 classes), SGD+M (momentum 0.9) and Adam, both at their
+best learning rate of a grid (the seed tuned both here), same initialisation and batch order, ``repeats`` data
+orders, R_med on ``per_layer`` exact Hessian-diagonal entries of every conv kernel and linear weight. The seed
+observes that Adam is not faster and its R_med is no longer smaller; we report whatever is measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from optiscope.experiments import _rmed_common as rc
+from optiscope.experiments.base import Claim, Result, register
+from optiscope.utils.config import Config, require
+
+
+@dataclass(frozen=True)
+class CNNConfig(Config):
+    seed: int = 0
+    n_train: int = 2048
+    probe_size: int = 64
+    channels: tuple[int, ...] = (8, 16)
+    hidden: int = 64
+    steps: int = 300
+    batch_size: int = 256
+    momentum: float = 0.9
+    sgdm_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
+    adam_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    beta1: float = 0.9
+    beta2: float = 0.98
+    tune_steps: int = 60
+    repeats: int = 2
+    n_checkpoints: int = 2
+    per_layer: int = 200
+    at: str = "late_mean"
+    exclude_first: int = 2
+    n_bootstrap: int = 2000
+
+    def validate(self) -> None:
+        for f in ("n_train", "probe_size", "hidden", "steps", "batch_size", "tune_steps", "repeats", "n_checkpoints",
+                  "per_layer"):
+            require(getattr(self, f) >= 1, f, getattr(self, f), ">= 1")
+        require(self.probe_size <= self.n_train, "probe_size", self.probe_size, f"<= n_train={self.n_train}")
+        require(len(self.channels) >= 1 and all(c >= 1 for c in self.channels), "channels", self.channels,
+                "a non-empty list of positive channel counts")
+        require(len(self.sgdm_lrs) >= 1 and all(x > 0 for x in self.sgdm_lrs), "sgdm_lrs", self.sgdm_lrs,
+                "positive learning rates")
+        require(len(self.adam_lrs) >= 1 and all(x > 0 for x in self.adam_lrs), "adam_lrs", self.adam_lrs,
+                "positive learning rates")
+        require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
+        require(self.at in rc.AT_CHOICES, "at", self.at, f"one of {rc.AT_CHOICES}")
+        require(self.exclude_first >= 0, "exclude_first", self.exclude_first, ">= 0")
+        require(self.n_bootstrap >= 100, "n_bootstrap", self.n_bootstrap, ">= 100")
+
+
+QUICK = CNNConfig()
+FULL = CNNConfig(n_train=60000, probe_size=1024, channels=(32, 64, 128), hidden=512, steps=2050, batch_size=1024,
+                 sgdm_lrs=(0.05, 0.1, 0.5, 1.0), adam_lrs=(1e-3, 5e-3, 1e-2), tune_steps=300, repeats=8,
+                 n_checkpoints=10)
+
+
+def cnn_problem(cfg: CNNConfig):
+    """``SmallCNN`` (seeded init) on a Fashion-MNIST subset; Hessian batch = the first ``probe_size`` images."""
+    from optiscope.lab import Problem
+    from optiscope.zoo.data import default_loss, fashion_mnist
+    from optiscope.zoo.models import SmallCNN
+
+    ds = fashion_mnist(n_train=cfg.n_train, n_test=512, seed=cfg.seed, flatten=False)
+    model = SmallCNN(image_shape=ds.input_shape, n_classes=ds.n_classes, channels=cfg.channels, hidden=cfg.hidden,
+                     seed=cfg.seed)
+    X, y = ds.train
+    return Problem(model, default_loss(ds), train=ds.train, eval=ds.test,
+                   probe_batch=(X[:cfg.probe_size], y[:cfg.probe_size]), task="classification", name=ds.name)
+
+
+@register("rmed_cnn", paper="000", title="R_med of Adam vs SGD+M on a small CNN (Fashion-MNIST), App. A.8",
+          config=CNNConfig, presets={"quick": QUICK, "full": FULL})
+def run(config: CNNConfig, store) -> Result:
+    """Seed 000 Table 10 analogue: does R_med still separate when Adam is not faster?"""
+    cfg = config
+    problem = cnn_problem(cfg)
+    layers = rc.weight_matrix_params(problem.model)
+    kw = dict(batch_size=cfg.batch_size, checkpoint=False)
+    sgdm = lambda lr: ("sgdm", {"lr": float(lr), "momentum": cfg.momentum})  # noqa: E731
+    adam = lambda lr: ("adam", {"lr": float(lr), "betas": (cfg.beta1, cfg.beta2)})  # noqa: E731
+    best_sgdm, tune_sgdm = rc.tune_lr(problem, sgdm, cfg.sgdm_lrs, cfg.tune_steps, cfg.seed, **kw)
+    best_adam, tune_adam = rc.tune_lr(problem, adam, cfg.adam_lrs, cfg.tune_steps, cfg.seed, **kw)
+    probes = ["loss:on=train", "accuracy", rc.SampledRMedProbe(layers, cfg.per_layer)]
+    out = rc.compare_repeats(problem, {"sgdm": sgdm(best_sgdm), "adam": adam(best_adam)}, cfg.steps, cfg.repeats,
+                             cfg.seed, probes, probe_steps=rc.checkpoint_steps(cfg.steps, cfg.n_checkpoints), **kw)
+    rc.store_metrics(store, out.metrics)
+    va = rc.rmed_values(out.metrics, "adam", layers, at=cfg.at)
+    vb = rc.rmed_values(out.metrics, "sgdm", layers, at=cfg.at)
+    s = rc.gap_summary(va, vb, layers, cfg.exclude_first, cfg.n_bootstrap, cfg.seed)
+    speed = rc.faster(out.metrics, "adam", "sgdm")
+    frac = s["frac_layers_a_smaller"]
+    claims = [
+        Claim("adam_not_faster", "with both lrs tuned, Adam does not reach a lower training loss than SGD+M",
+              paper="Adam did not converge faster (Fig. 13(b))", measured=speed, holds=not speed["a_faster"]),
+        Claim("r_med_not_smaller", "Adam's R_med is not below SGD+M's in most layers (fraction <= 0.5)",
+              paper="R_med^Adam no longer smaller (Table 10)",
+              measured={"fraction_adam_smaller": frac, "median_ratio_sgdm_over_adam": s["median_ratio"],
+                        "ci95": s["ci95"]}, holds=None if frac != frac else bool(frac <= 0.5)),
+        Claim("speed_geometry_consistent", "Adam is faster exactly when its R_med is smaller in most layers",
+              paper="positive correlation between speed and diagonal uniformity (§4.4)",
+              measured={"adam_faster": speed["a_faster"], "adam_r_med_smaller_most": bool(frac > 0.5)},
+              holds=bool(speed["a_faster"] == (frac > 0.5))),
+    ]
+    store.write_text("layer_table.md", rc.layer_table_markdown(s))
+    rc.plot_loss(store, out.metrics, title="training loss (repeat 0)")
+    rc.plot_rmed_over_time(store, out.metrics, layers)
+    return Result(claims=claims, metrics={"layers": layers, "summary": s, "speed": speed,
+                                          "lrs": {"sgdm": best_sgdm, "adam": best_adam},
+                                          "lr_tuning": {"sgdm": {str(k): v for k, v in tune_sgdm.items()},
+                                                        "adam": {str(k): v for k, v in tune_adam.items()}},
+                                          "status": out.status, "hvp_cost": rc.hvp_cost(out.metrics)})
