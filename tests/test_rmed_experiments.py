@@ -128,3 +128,18 @@ def test_bad_config_rejected():
     with pytest.raises(ConfigError, match="widths"):
         from optiscope.experiments.rmed_two_layer import TwoLayerRMedConfig
         TwoLayerRMedConfig(widths=(50,))
+
+
+def test_two_layer_closed_form_hessian_is_the_training_loss_hessian():
+    """theory.two_layer.hessian with the empirical covariance = dense Hessian of the zoo problem's loss (float64)."""
+    from optiscope.curvature import Hessian
+    from optiscope.experiments.rmed_two_layer import ExactDominanceProbe, two_layer_problem
+    from optiscope.theory.two_layer import hessian as closed_form
+
+    problem, ds = two_layer_problem(5, 4, 64, 0.3, seed=1, data_seed=2)
+    problem.model.double()
+    X, y = ds.train[0].double(), ds.train[1].double()
+    dense = Hessian(problem.model, problem.loss_fn, (X, y)).dense().numpy()
+    probe = ExactDominanceProbe(ds.meta["teacher"], X)
+    W1, W2 = problem.model.W1.detach().numpy(), problem.model.W2.detach().numpy()
+    np.testing.assert_allclose(closed_form(W1, W2, probe.problem), dense, rtol=1e-4, atol=1e-6)

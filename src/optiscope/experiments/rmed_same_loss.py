@@ -31,8 +31,8 @@ class SameLossConfig(rc.LMConfig):
         require(self.loss_every >= 1, "loss_every", self.loss_every, ">= 1")
 
 
-QUICK = SameLossConfig(seq_len=32, n_train=2048, probe_size=16, d_model=32, n_layers=1, n_heads=4, steps=300,
-                       batch_size=256, repeats=2, n_checkpoints=2, per_layer=200)
+QUICK = SameLossConfig(seq_len=32, n_train=2048, probe_size=16, d_model=32, n_layers=1, n_heads=4, steps=200,
+                       batch_size=256, tune_steps=40, repeats=2, n_checkpoints=2, per_layer=50)
 FULL = SameLossConfig(seq_len=64, n_train=20000, probe_size=512, d_model=128, n_layers=4, n_heads=4, steps=1800,
                       batch_size=512, sgdm_lrs=(0.03, 0.1, 0.3, 1.0), tune_steps=300, adam_lr=1e-3, repeats=8,
                       n_checkpoints=10)

@@ -32,8 +32,8 @@ class SwitchConfig(rc.LMConfig):
                 "a non-empty list of positive learning rates")
 
 
-QUICK = SwitchConfig(seq_len=32, n_train=2048, probe_size=16, d_model=32, n_layers=1, n_heads=4, steps=400,
-                     batch_size=256, repeats=1, n_checkpoints=4, per_layer=200)
+QUICK = SwitchConfig(seq_len=32, n_train=2048, probe_size=16, d_model=32, n_layers=1, n_heads=4, steps=300,
+                     batch_size=256, tune_steps=40, repeats=1, n_checkpoints=4, per_layer=50)
 FULL = SwitchConfig(seq_len=64, n_train=20000, probe_size=512, d_model=128, n_layers=4, n_heads=4, steps=1800,
                     batch_size=512, sgd_lrs=(0.1, 0.3, 1.0, 3.0), tune_steps=300, adam_lr=1e-3, repeats=4,
                     n_checkpoints=12)
