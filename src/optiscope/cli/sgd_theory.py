@@ -104,7 +104,10 @@ def register(app: typer.Typer) -> None:
                 nu, kappa, Lam, K = info["nu"], info["kappa"], info["Lambda"], info["K"]
                 fit = None
             else:
-                fit = th.fit_power_law(sp) if sp.size >= 8 and sp.multiplicities is None else None
+                try:
+                    fit = th.fit_power_law(sp) if sp.size >= 8 and sp.multiplicities is None else None
+                except th.SpectrumError:  # e.g. zero eigenvalues in the fit range: no phase to report
+                    fit = None
                 nu, kappa = (fit.nu, fit.kappa) if fit else (None, None)
                 Lam, K = (fit.Lambda, fit.K) if fit else (None, None)
             phase = th.power_law_phase(nu, kappa) if nu and kappa and nu > 0 and kappa > 0 else None

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from optiscope.curvature.ntk import NTKOneHiddenLayer
-from optiscope.theory.sgd import Spectrum
+from optiscope.theory.sgd import Spectrum, torch_threads
 
 __all__ = ["NTKProblem", "ntk_problem", "train_network", "median_relative_error", "log_steps"]
 
@@ -44,6 +44,11 @@ class NTKProblem:
 def ntk_problem(dataset: str = "digits", n_points: int | None = None, width: int = 1000, seed: int = 0
                 ) -> NTKProblem:
     """Build the NTK problem on ``dataset`` ("digits" or "fashion_mnist"; ``n_points`` a seeded training subset)."""
+    with torch_threads():
+        return _ntk_problem(dataset, n_points, width, seed)
+
+
+def _ntk_problem(dataset: str, n_points: int | None, width: int, seed: int) -> NTKProblem:
     from optiscope.zoo.data import load_dataset
 
     kw: dict[str, Any] = {"seed": seed}
@@ -77,6 +82,11 @@ def train_network(problem: NTKProblem, lr: float, momentum: float, batch_size: i
     ``(1/2) mean (f - y)^2`` over batches drawn without replacement (fresh each step); full-data loss at
     ``eval_steps``. Returns ``(eval_steps, loss (n_runs, len(eval_steps)), diverged_at per run)``; a run whose
     loss becomes non-finite or exceeds ``threshold * L_0`` stops and is recorded as diverged (loss ``inf``)."""
+    with torch_threads():
+        return _train(problem, lr, momentum, batch_size, steps, n_runs, seed, eval_steps, divergence_threshold)
+
+
+def _train(problem, lr, momentum, batch_size, steps, n_runs, seed, eval_steps, divergence_threshold):
     eval_steps = log_steps(steps) if eval_steps is None else np.asarray(eval_steps)
     X = problem.X
     y = torch.as_tensor(problem.y)

@@ -2,7 +2,7 @@
 
 Two exact power-law problems, b = 1 on an infinite dataset (gamma = 1), SE with tau = 1:
 
-* noise-dominated (default nu = 2, kappa = 3.5): fix alpha at the minimiser of C_noise for beta = 0; Prop. 5 II
+* noise-dominated (default nu = 2, kappa = 4.25, the spec's tie-break case): fix alpha at the minimiser of C_noise for beta = 0; Prop. 5 II
   predicts the sign of ``d ln C_noise / d beta`` at beta = 0 (criterion S of Eq. 30 in output space, spec
   "Discrepancy"); S > 0 means the optimal momentum is negative. We scan beta at that alpha with the SE recursion
   and run a joint (alpha, beta) grid search of the SE loss at the horizon.
@@ -33,7 +33,7 @@ from optiscope.utils.progress import progress_task
 class NegativeMomentumConfig(Config):
     seed: int = 0
     noise_nu: float = 2.0
-    noise_kappa: float = 3.5
+    noise_kappa: float = 4.25
     noise_modes: int = 2000
     noise_steps: int = 20_000
     noise_betas: tuple[float, ...] = (-0.2, -0.15, -0.1, -0.06, -0.03, -0.01, 0.0, 0.01, 0.03, 0.06, 0.1, 0.15)
@@ -68,11 +68,11 @@ class NegativeMomentumConfig(Config):
         require(0 < self.fd_beta < 0.2, "fd_beta", self.fd_beta, "in (0, 0.2)")
 
 
-QUICK = NegativeMomentumConfig(noise_modes=1000, noise_steps=10_000,
+QUICK = NegativeMomentumConfig(noise_modes=1000, noise_steps=100_000,
                                noise_betas=(-0.15, -0.08, -0.04, -0.02, 0.0, 0.02, 0.04, 0.08, 0.15),
                                noise_lr_factors=(0.8, 1.0, 1.2), signal_modes=2000, signal_steps=3000,
                                signal_betas=(-0.5, 0.0, 0.5, 0.8, 0.9, 0.95, 0.98), signal_lr_fractions=(0.3, 0.6, 0.9))
-FULL = NegativeMomentumConfig(noise_modes=10_000, noise_steps=100_000, signal_modes=50_000, signal_steps=20_000)
+FULL = NegativeMomentumConfig(noise_modes=10_000, noise_steps=200_000, signal_modes=50_000, signal_steps=20_000)
 
 
 @register("sgd_negative_momentum", paper="004", title="Negative momentum in the noise-dominated phase (Prop. 5, Fig. 6)",
@@ -123,9 +123,10 @@ def run(config: NegativeMomentumConfig, store: RunStore) -> Result:
             holds=(S > 0) == (best_beta_fixed < 0)))
         claims.append(Claim(
             "noise_phase_derivative",
-            "d ln L / d beta at beta=0 (SE at the horizon) matches d ln C_noise / d beta (Eq. 28b)",
-            paper="sign of Eq. 30", measured=f"measured {dmeas:.4g}, predicted {dpred:.4g}",
-            holds=np.sign(dmeas) == np.sign(dpred) and abs(dmeas - dpred) <= 0.5 * abs(dpred)))
+            "the sign of d ln L / d beta at beta=0 (SE loss at the horizon) is the sign of d ln C_noise / d beta "
+            "(Eq. 28b) and of S (Eq. 30)",
+            paper="sign of Eq. 30", measured=f"measured {dmeas:.4g}, predicted {dpred:.4g} (S={S:.3g})",
+            holds=np.sign(dmeas) == np.sign(dpred) == np.sign(S)))
         axes[0].plot(betas, scan / scan[list(betas).index(0.0)], "o-")
         axes[0].axvline(0, color="k", lw=0.5)
         axes[0].set_xlabel("momentum beta (lr fixed at beta=0 optimum)")

@@ -23,7 +23,9 @@ uses exact tail sums ``sum_{l>=k} c_l = K k^-kappa``; Prop. 5 uses output-space 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,6 +44,28 @@ __all__ = [
     "negative_momentum_criterion", "optimal_lr_noise_dominated", "optimal_lr_signal_dominated", "log_constant_momentum_derivative",
     "Advice", "advise",
 ]
+
+
+#: torch intra-op threads used by the recursions and simulators (elementwise work on <= 1e6 entries gains little
+#: from more threads, and on an oversubscribed machine spinning worker threads cost 10-50x); override with the
+#: environment variable OPTISCOPE_THEORY_THREADS.
+TORCH_THREADS = int(os.environ.get("OPTISCOPE_THEORY_THREADS", "1"))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None = None):
+    """Temporarily set torch's intra-op thread count (restored afterwards)."""
+    import torch
+
+    prev = torch.get_num_threads()
+    want = TORCH_THREADS if n is None else int(n)
+    if want >= 1 and want != prev:
+        torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != prev:
+            torch.set_num_threads(prev)
 
 
 class SpectrumError(ValueError):
@@ -284,22 +308,27 @@ def _se_core(lam: np.ndarray, c: np.ndarray, m: np.ndarray, lr: np.ndarray, mom:
              check_every: int = 16):
     """The SE recursion for G configurations at once (rows) over the modes (columns). Returns (losses (G, T+1)
     or final (G,), diverged_at (G,) with -1 for none)."""
+    with torch_threads():
+        return _se_core_impl(lam, c, m, lr, mom, gamma, tau1, tau2, steps, record, dtype, threshold, check_every)
+
+
+def _se_core_impl(lam, c, m, lr, mom, gamma, tau1, tau2, steps, record, dtype, threshold, check_every):
     import torch
 
     dt = dtype if dtype is not None else torch.float64
-    lam_t = torch.as_tensor(lam, dtype=torch.float64)
-    a = torch.as_tensor(lr, dtype=torch.float64)[:, None] * lam_t[None, :]
-    beta = torch.as_tensor(mom, dtype=torch.float64)[:, None]
+    lam_t = torch.tensor(np.array(lam, dtype=np.float64))
+    a = torch.tensor(np.array(lr, dtype=np.float64))[:, None] * lam_t[None, :]
+    beta = torch.tensor(np.array(mom, dtype=np.float64))[:, None]
     q1 = (a * a * (1.0 - gamma * tau2)).to(dt)
     q2 = (-2.0 * beta * a).to(dt)
-    q3 = (gamma * tau1 * a * a * torch.as_tensor(m, dtype=torch.float64)[None, :]).to(dt)
+    q3 = (gamma * tau1 * a * a * torch.tensor(np.array(m, dtype=np.float64))[None, :]).to(dt)
     o2 = (1.0 - 2.0 * a).to(dt)
     a = a.to(dt)
     b1 = beta.to(dt)
     b2 = (beta * beta).to(dt)
     two_b = (2.0 * beta).to(dt)
     G, n = a.shape
-    C = torch.as_tensor(c, dtype=dt).expand(G, n).clone()
+    C = torch.tensor(np.array(c, dtype=np.float64)).to(dt).expand(G, n).clone()
     J = torch.zeros(G, n, dtype=dt)
     P = torch.zeros(G, n, dtype=dt)
     com = torch.empty(G, n, dtype=dt)
@@ -814,9 +843,10 @@ def asymptotic_loss(spectrum: Spectrum, lr: float, momentum: float, batch_size: 
 def transition_time(C_signal: float, C_noise: float, zeta: float, xi: float) -> float | None:
     """Signal-to-noise transition (seed 004 §6, Eq. 29): the t at which ``C_signal t^-zeta = C_noise t^-xi``,
     ``t = (C_signal / C_noise)^(1/(zeta - xi))``; ``None`` when zeta = xi or a constant vanishes."""
-    if C_noise <= 0 or C_signal <= 0 or abs(zeta - xi) < 1e-14:
+    if not (0 < C_noise < math.inf and 0 < C_signal < math.inf) or abs(zeta - xi) < 1e-14:
         return None
-    return float((C_signal / C_noise) ** (1.0 / (zeta - xi)))
+    log_t = math.log(C_signal / C_noise) / (zeta - xi)
+    return math.exp(log_t) if log_t < 700 else math.inf
 
 
 def negative_momentum_criterion(spectrum: Spectrum, nu: float) -> float:

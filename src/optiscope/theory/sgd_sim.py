@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from optiscope.theory.sgd import SpectrumError, noise_amplitude
+from optiscope.theory.sgd import SpectrumError, noise_amplitude, torch_threads
 
 __all__ = ["SampledRuns", "simulate_sampled_sgd", "exact_second_moments"]
 
@@ -85,6 +85,13 @@ def simulate_sampled_sgd(kernel: Any, initial_error: Any, lr: Any, momentum: Any
     keys), computes ``g = K[:, B] e[B] / b`` as a sparse-dense product and applies the torch-SGD momentum update.
     The loss ``(1/2N)||e||^2`` is recorded at steps 0, record_every, ..., and at the last step.
     """
+    with torch_threads():
+        return _simulate(kernel, initial_error, lr, momentum, batch_size, steps, n_runs, seed, record_every, dtype,
+                         divergence_threshold, chunk_runs)
+
+
+def _simulate(kernel, initial_error, lr, momentum, batch_size, steps, n_runs, seed, record_every, dtype,
+              divergence_threshold, chunk_runs) -> SampledRuns:
     Kt, e0 = _as_kernel_and_error(kernel, initial_error, dtype)
     n = Kt.shape[0]
     if int(batch_size) != batch_size or not 1 <= batch_size <= n:
@@ -154,6 +161,12 @@ def exact_second_moments(kernel: Any, initial_error: Any, lr: float, momentum: f
     the kernel's N, i.e. sampling without replacement from the kernel's points). Returns ``(loss (steps+1,),
     diverged_at)`` with ``inf`` after divergence.
     """
+    with torch_threads():
+        return _exact(kernel, initial_error, lr, momentum, batch_size, steps, dataset_size, dtype,
+                      divergence_threshold)
+
+
+def _exact(kernel, initial_error, lr, momentum, batch_size, steps, dataset_size, dtype, divergence_threshold):
     Kt, e0 = _as_kernel_and_error(kernel, initial_error, torch.float64)
     n = Kt.shape[0]
     gamma = noise_amplitude(batch_size, dataset_size if dataset_size is not None else n)
