@@ -141,9 +141,14 @@ def run(config: LossCurvesConfig, store: RunStore) -> Result:
                 task.advance()
             metrics["problems"][ds] = pm
             if ds == "digits":
+                # only batch sizes where tau visibly matters (worst tau at least twice as wrong as the best) count
+                sens = {k: v for k, v in pm["batches"].items()
+                        if max(v["median_rel_error_by_tau"].values()) > 2 * v["median_rel_error_best_tau"]}
                 claims.append(Claim(
                     "digits_tau_near_one", "MNIST-like data are fitted best by tau close to 1 (seed F.4)",
-                    paper="tau ~ 1", measured={k: v["best_tau"] for k, v in pm["batches"].items()},
-                    holds=all(0.5 <= v["best_tau"] <= 1.5 for v in pm["batches"].values())))
+                    paper="tau ~ 1",
+                    measured={k: {"best_tau": v["best_tau"], "tau_sensitive": k in sens}
+                              for k, v in pm["batches"].items()},
+                    holds=(all(0.5 <= v["best_tau"] <= 1.5 for v in sens.values()) if sens else None)))
     store.save_figure(fig, "loss_curves")
     return Result(claims=claims, metrics=metrics)
