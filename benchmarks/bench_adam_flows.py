@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import timeit, write_section  # noqa: E402
+from _report import timeit, write_section
 
-from optiscope.optim.flows import AdamHyper, ParamSpace, full_batch_correction, integrate_flow, model_loss  # noqa: E402
-from optiscope.theory.adam import correction_coefficient  # noqa: E402
+from optiscope.optim.flows import AdamHyper, ParamSpace, full_batch_correction, integrate_flow, model_loss
+from optiscope.theory.adam import correction_coefficient
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
         theta = space.flatten(p0)
 
         def dense():
-            F = lambda x: f(space.unflatten(x))  # noqa: E731
+            F = lambda x: f(space.unflatten(x))
             g = torch.func.grad(F)(theta)
             H = torch.func.hessian(F)(theta)
             k = torch.as_tensor(correction_coefficient(g.numpy(), hp.h, hp.beta1, hp.beta2, hp.eps, 10))

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from optiscope.experiments.base import resolve_config, run_experiment
 from optiscope.utils.config import ConfigError

@@ -46,7 +46,7 @@ def test_probe_matches_correction_term_and_is_pure():
 
     sp = ParamSpace(params)
     theta = sp.flatten(params)
-    F = lambda x: f(sp.unflatten(x))  # noqa: E731
+    F = lambda x: f(sp.unflatten(x))
     gr = torch.func.grad(F)(theta)
     H = torch.func.hessian(F)(theta)
     kappa = torch.as_tensor(correction_coefficient(gr.numpy(), 0.01, 0.8, 0.95, 1e-6, n=3))

@@ -6,9 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from optiscope.optim.flows import (AdamHyper, NotTwiceDifferentiableError, ParamSpace, adam_iterates,
-                                   full_batch_correction, full_batch_field, integrate_flow, minibatch_field,
-                                   model_loss, _Oracle)
+from optiscope.optim.flows import (
+    AdamHyper,
+    NotTwiceDifferentiableError,
+    ParamSpace,
+    _Oracle,
+    adam_iterates,
+    full_batch_correction,
+    full_batch_field,
+    integrate_flow,
+    minibatch_field,
+    model_loss,
+)
 from optiscope.theory.adam import correction_coefficient
 
 Y = 1.5
@@ -86,7 +95,7 @@ def test_full_batch_field_against_dense_hessian(inside):
     space = ParamSpace(params)
     theta = space.flatten(params)
     hp = AdamHyper(h=0.05, beta1=0.9, beta2=0.99, eps=1e-3, eps_inside_sqrt=inside)
-    F = lambda x: f(space.unflatten(x))  # noqa: E731
+    F = lambda x: f(space.unflatten(x))
     g = torch.func.grad(F)(theta)
     H = torch.func.hessian(F)(theta)
     r = torch.sqrt(g * g + hp.eps) if inside else g.abs() + hp.eps
@@ -155,18 +164,18 @@ def test_correction_term_cosine_sign_follows_one_norm_bias():
 
 
 def test_non_twice_differentiable_loss_raises():
-    f = lambda p: (p["t"].abs() ** 1.5).sum()  # noqa: E731  gradient finite at 0, second derivative infinite
+    f = lambda p: (p["t"].abs() ** 1.5).sum()
     with pytest.raises(NotTwiceDifferentiableError, match="not twice differentiable"):
         integrate_flow(f, {"t": torch.tensor([0.0, 1.0], dtype=torch.float64)}, AdamHyper(h=0.1), 3, order=2)
 
 
 def test_divergence_is_an_outcome_not_a_crash():
-    f = lambda p: -torch.log(p["t"]).sum()  # noqa: E731  stepping past 0 makes the loss non-finite
+    f = lambda p: -torch.log(p["t"]).sum()
     p0 = {"t": torch.tensor([0.05], dtype=torch.float64)}
     hp = AdamHyper(h=0.2, beta1=0.0, beta2=0.5, eps=1e-8)
     tr = integrate_flow(f, {"t": -p0["t"]}, hp, 5, order=1)
     assert tr.diverged_at == 0 and tr.status == "diverged at step 0"
-    down = lambda p: torch.log(p["t"]).sum()  # noqa: E731  Adam walks t -> 0 and past it
+    down = lambda p: torch.log(p["t"]).sum()
     a = adam_iterates(down, {"t": torch.tensor([0.3], dtype=torch.float64)}, hp, 10)
     assert a.diverged_at is not None and 1 <= a.diverged_at < 10 and a.status.startswith("diverged at step")
     fl = integrate_flow(down, {"t": torch.tensor([0.3], dtype=torch.float64)}, hp, 10, order=2)

@@ -29,16 +29,16 @@ class AdamSweepConfig(Config):
     seed: int = 0
     model: str = "mlp:depth=3,width=64,activation=gelu"
     dataset: str = "fashion_mnist"
-    n_train: int = 2000
-    n_test: int = 2000
-    steps: int = 300
+    n_train: int = 1000
+    n_test: int = 1000
+    steps: int = 200
     h: float = 1e-3
     eps: float = 1e-8
     beta1_fixed: float = 0.9
     beta2_sweep: tuple[float, ...] = (0.92, 0.95, 0.99)
     beta2_fixed: float = 0.99
     beta1_sweep: tuple[float, ...] = (0.8, 0.9, 0.95)
-    probe_every: int = 10
+    probe_every: int = 20
     correction_probe: bool = True
 
     def validate(self):

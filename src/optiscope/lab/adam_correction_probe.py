@@ -26,7 +26,7 @@ import torch
 
 from optiscope.optim.flows import AdamHyper, full_batch_correction, model_loss
 
-__all__ = ["make_adam_correction_probe", "hyper_from_optimizer"]
+__all__ = ["hyper_from_optimizer", "make_adam_correction_probe"]
 
 
 def hyper_from_optimizer(optimizer: Any) -> AdamHyper:

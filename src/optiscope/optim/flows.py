@@ -32,27 +32,33 @@ Hessian-vector products are forward-over-reverse (``torch.func.jvp`` of ``torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from optiscope.theory.adam import check_hyperparameters, correction_coefficient, moment_scale, truncation_horizon
+from optiscope.theory.adam import (
+    check_hyperparameters,
+    correction_coefficient,
+    moment_scale,
+    truncation_horizon,
+)
 
 LossFn = Callable[[dict[str, Tensor]], Tensor]
 
 __all__ = [
     "AdamHyper",
     "FlowTrajectory",
-    "ParamSpace",
-    "model_loss",
-    "adam_iterates",
-    "full_batch_field",
-    "full_batch_correction",
-    "minibatch_field",
-    "integrate_flow",
     "NotTwiceDifferentiableError",
+    "ParamSpace",
+    "adam_iterates",
+    "full_batch_correction",
+    "full_batch_field",
+    "integrate_flow",
+    "minibatch_field",
+    "model_loss",
 ]
 
 
@@ -75,7 +81,7 @@ class AdamHyper:
         check_hyperparameters(self.h, self.beta1, self.beta2, self.eps, self.eps_inside_sqrt)
 
     @classmethod
-    def rmsprop(cls, h: float, beta: float = 0.99, eps: float = 1e-8, eps_inside_sqrt: bool = True) -> "AdamHyper":
+    def rmsprop(cls, h: float, beta: float = 0.99, eps: float = 1e-8, eps_inside_sqrt: bool = True) -> AdamHyper:
         """RMSProp (001 App. B/C) = Adam with beta1 = 0 and no bias correction."""
         return cls(h=h, beta1=0.0, beta2=beta, eps=eps, eps_inside_sqrt=eps_inside_sqrt, bias_correction=False)
 

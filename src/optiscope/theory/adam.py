@@ -31,16 +31,16 @@ import numpy as np
 
 __all__ = [
     "check_hyperparameters",
+    "correction_coefficient",
+    "eps_outside_norm",
+    "eps_regime",
+    "large_eps_effective_lr",
     "memory_coefficient",
     "moment_scale",
-    "correction_coefficient",
-    "one_norm_coefficient",
-    "two_norm_coefficient",
-    "large_eps_effective_lr",
     "one_norm_bias",
-    "eps_regime",
-    "eps_outside_norm",
+    "one_norm_coefficient",
     "truncation_horizon",
+    "two_norm_coefficient",
 ]
 
 Algorithm = Literal["adam", "rmsprop"]
