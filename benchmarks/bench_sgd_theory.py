@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import timeit, write_section  # noqa: E402
+from _report import timeit, write_section
 
-from optiscope.theory.sgd import Spectrum, se_loss_curve, stability_map  # noqa: E402
-from optiscope.theory.sgd_sim import simulate_sampled_sgd  # noqa: E402
+from optiscope.theory.sgd import Spectrum, se_loss_curve, stability_map
+from optiscope.theory.sgd_sim import simulate_sampled_sgd
 
 
 def main() -> None:
@@ -43,14 +43,14 @@ def main() -> None:
     simulate_sampled_sgd(prob.kernel, prob.initial_error, 1.0, 0.0, 10, steps, n_runs=100, seed=0)
     t_sim = time.perf_counter() - t0
     rows.append((f"SE curve, digits NTK (N={prob.n}), b=10, {steps} steps", t_se, "-"))
-    rows.append((f"100 sampled runs, same problem and steps (baseline)", t_sim, "-"))
+    rows.append(("100 sampled runs, same problem and steps (baseline)", t_sim, "-"))
     md = ["## SGD theory (seed 004, `benchmarks/bench_sgd_theory.py`)", "",
           "| what | seconds | target |", "|---|---:|---|"]
     md += [f"| {w} | {t:.3f} | {tg} |" for w, t, tg in rows]
-    md += ["", f"Speed-up of the SE prediction over averaging 100 sampled runs (digits NTK, b=10): "
-           f"**{t_sim / t_se:.0f}x**.", "",
-           "Measured on a 2-core machine shared with other jobs (load average well above 2 during the run), so "
-           "absolute times are inflated; the recursion runs single-threaded (`OPTISCOPE_THEORY_THREADS=1`, default)."]
+    md += ["", (f"Speed-up of the SE prediction over averaging 100 sampled runs (digits NTK, b=10): "
+                f"**{t_sim / t_se:.0f}x**."), "",
+           ("Measured on a 2-core machine shared with other jobs (load average well above 2 during the run), so "
+            "absolute times are inflated; the recursion runs single-threaded (`OPTISCOPE_THEORY_THREADS=1`, default).")]
     path = write_section("sgd_theory", "\n".join(md))
     print("\n".join(md))
     print(f"written to {path}")

@@ -66,8 +66,8 @@ def test_negative_momentum_tiny(tmp_path):
 
 
 def test_config_validation():
-    from optiscope.experiments.sgd_negative_momentum import NegativeMomentumConfig
     from optiscope.experiments.sgd_loss_curves import LossCurvesConfig
+    from optiscope.experiments.sgd_negative_momentum import NegativeMomentumConfig
 
     with pytest.raises(ConfigError, match="noise_kappa"):
         NegativeMomentumConfig(noise_kappa=1.0)

@@ -3,10 +3,9 @@ SGD with momentum from a spectrum, a kernel, or a model on data (seed 004, :mod:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import typer
@@ -45,7 +44,7 @@ def _load_spectrum(spectrum: str | None, kernel: Path | None, model: str | None,
         return sp, {"source": str(kernel)}, int(sp.size)
     if data is None:
         raise SpectrumError("--model needs --data (e.g. --data digits)")
-    name, kw = parse_spec(model, ["mlp"], "model")
+    _, kw = parse_spec(model, ["mlp"], "model")
     bad = set(kw) - {"width"}
     if bad:
         raise SpectrumError(f"--model mlp accepts only width=..., got {sorted(bad)}")
@@ -63,23 +62,23 @@ def _load_spectrum(spectrum: str | None, kernel: Path | None, model: str | None,
 def register(app: typer.Typer) -> None:
     @app.command("sgd-theory")
     def sgd_theory(
-        spectrum: Optional[str] = typer.Option(None, "--spectrum", help="powerlaw:nu=..,kappa=..,n=.. or a .npz with "
+        spectrum: str | None = typer.Option(None, "--spectrum", help="powerlaw:nu=..,kappa=..,n=.. or a .npz with "
                                                "eigenvalues and coefficients (L0 = sum c / 2)"),
-        kernel: Optional[Path] = typer.Option(None, "--kernel", help=".npz with kernel (N x N) and targets "
+        kernel: Path | None = typer.Option(None, "--kernel", help=".npz with kernel (N x N) and targets "
                                               "(optional initial_outputs)"),
-        model: Optional[str] = typer.Option(None, "--model", help="mlp[:width=1000]: one-hidden-layer NTK network"),
-        data: Optional[str] = typer.Option(None, "--data", help="dataset for --model (digits, fashion_mnist)"),
-        points: Optional[int] = typer.Option(None, "--points", help="training points for --model (subset)"),
+        model: str | None = typer.Option(None, "--model", help="mlp[:width=1000]: one-hidden-layer NTK network"),
+        data: str | None = typer.Option(None, "--data", help="dataset for --model (digits, fashion_mnist)"),
+        points: int | None = typer.Option(None, "--points", help="training points for --model (subset)"),
         lr: float = typer.Option(..., "--lr", help="learning rate alpha"),
         momentum: float = typer.Option(0.0, "--momentum", help="heavy-ball momentum beta"),
         batch: int = typer.Option(..., "--batch", help="batch size b"),
-        dataset_size: Optional[int] = typer.Option(None, "--dataset-size",
+        dataset_size: int | None = typer.Option(None, "--dataset-size",
                                                    help="N for gamma=(N-b)/(b(N-1)); default: infinite (1/b)"),
         tau1: float = typer.Option(1.0, "--tau1", help="SE parameter tau1"),
         tau2: float = typer.Option(1.0, "--tau2", help="SE parameter tau2"),
         steps: int = typer.Option(10_000, "--steps", help="number of SGD steps to predict"),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="write the prediction as JSON"),
-        plot: Optional[Path] = typer.Option(None, "--plot", help="write the predicted loss curve as PNG"),
+        json_out: Path | None = typer.Option(None, "--json", help="write the prediction as JSON"),
+        plot: Path | None = typer.Option(None, "--plot", help="write the predicted loss curve as PNG"),
         advise_: bool = typer.Option(False, "--advise", help="search (lr, momentum) for the lowest predicted loss"),
         seed: int = typer.Option(0, "--seed", help="seed of the network for --model"),
         quiet: bool = typer.Option(False, "--quiet", help="print only the verdict line"),
@@ -172,7 +171,7 @@ def register(app: typer.Typer) -> None:
             table.add_row("phase (nu, kappa)", f"{phase['phase']} ({nu:.3g}, {kappa:.3g})")
             if phase["exponent"] is not None:
                 table.add_row("asymptotic exponent", f"{phase['exponent']:.4g}")
-        if asym and asym.transition_time:
+        if asym and asym.transition_time and asym.phase == "noise-dominated":
             table.add_row("signal->noise transition", f"{asym.transition_time:.4g} steps")
         if adv:
             table.add_row("advice (lr, momentum)", f"{adv.lr:.4g}, {adv.momentum:g} -> loss {adv.loss:.4g}"

@@ -19,7 +19,7 @@ import torch
 from optiscope.curvature.ntk import NTKOneHiddenLayer
 from optiscope.theory.sgd import Spectrum, torch_threads
 
-__all__ = ["NTKProblem", "ntk_problem", "train_network", "median_relative_error", "log_steps"]
+__all__ = ["NTKProblem", "log_steps", "median_relative_error", "ntk_problem", "train_network"]
 
 
 @dataclass
@@ -93,7 +93,7 @@ def _train(problem, lr, momentum, batch_size, steps, n_runs, seed, eval_steps, d
     n = X.shape[0]
     out = np.full((n_runs, eval_steps.size), np.inf)
     div: list[int | None] = []
-    ev = set(int(s) for s in eval_steps)
+    ev = {int(s) for s in eval_steps}
     col = {int(s): i for i, s in enumerate(eval_steps)}
     for r in range(n_runs):
         net = NTKOneHiddenLayer(X.shape[1], width=problem.model.width, seed=0, dtype=torch.float64)

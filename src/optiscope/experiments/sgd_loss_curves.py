@@ -93,6 +93,7 @@ def run(config: LossCurvesConfig, store: RunStore) -> Result:
                 ev = log_steps(T)
                 nn_mean = None
                 nn_err = None
+                nn_div: list = []
                 if config.nn_runs > 0:
                     ev, nn_loss, nn_div = train_network(prob, config.lr, config.momentum, b, T, config.nn_runs,
                                                         seed=config.seed + 7 + bi)
@@ -107,6 +108,7 @@ def run(config: LossCurvesConfig, store: RunStore) -> Result:
                     "best_tau": best_tau, "median_rel_error_best_tau": errs[best_tau],
                     "median_rel_error_tau0": errs[0.0], "median_rel_error_tau1": errs[1.0],
                     "network_vs_sampled_median_rel_error": nn_err,
+                    "network_diverged_runs": (sum(d is not None for d in nn_div) if config.nn_runs > 0 else None),
                     "final_loss_sampled": float(mean[-1]), "final_loss_se_best": float(curves[best_tau][-1]),
                 }
                 store.write_arrays(f"curves_{ds}_b{b}", steps=steps_axis, sampled_mean=mean,

@@ -16,8 +16,14 @@ import numpy as np
 
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.store import RunStore
-from optiscope.theory.sgd import (Spectrum, asymptotic_loss, critical_learning_rate, power_law_phase,
-                                  se_loss_curve, stability)
+from optiscope.theory.sgd import (
+    Spectrum,
+    asymptotic_loss,
+    critical_learning_rate,
+    power_law_phase,
+    se_loss_curve,
+    stability,
+)
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
 from optiscope.utils.progress import progress_task
@@ -127,7 +133,6 @@ def run(config: PhaseDiagramConfig, store: RunStore) -> Result:
             window = (t >= T / 10)
             slope_fit = -np.polyfit(np.log(t[window]), np.log(curve.loss[window]), 1)[0]
             ratio = float(curve.loss[-1] / asym.loss(T))
-            grid, sl = local_slope(t, curve.loss)
             rec = {"nu": nu, "kappa": kappa, "lr": lr, "critical_lr": crit, "phase": asym.phase,
                    "predicted_exponent": asym.exponent, "measured_exponent": float(slope_fit),
                    "se_over_asymptotic_at_T": ratio, "C_signal": asym.C_signal, "C_noise": asym.C_noise,

@@ -26,23 +26,48 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import optimize, special
 
 __all__ = [
-    "SpectrumError", "Spectrum", "noise_amplitude", "effective_learning_rate",
-    "LossCurve", "se_loss_curve", "se_loss_grid",
-    "characteristic_polynomial", "noise_generating_function", "signal_generating_function",
-    "loss_generating_function", "noise_at_one", "signal_at_one",
-    "noiseless_stable", "noiseless_critical_lr", "critical_learning_rate", "critical_regularization",
-    "effective_lr_bound", "Stability", "stability", "stability_map",
-    "PowerLawFit", "fit_power_law", "power_law_phase", "Asymptotics", "asymptotic_loss", "transition_time",
-    "negative_momentum_criterion", "optimal_lr_noise_dominated", "optimal_lr_signal_dominated", "log_constant_momentum_derivative",
-    "Advice", "advise",
+    "Advice",
+    "Asymptotics",
+    "LossCurve",
+    "PowerLawFit",
+    "Spectrum",
+    "SpectrumError",
+    "Stability",
+    "advise",
+    "asymptotic_loss",
+    "characteristic_polynomial",
+    "critical_learning_rate",
+    "critical_regularization",
+    "effective_learning_rate",
+    "effective_lr_bound",
+    "fit_power_law",
+    "log_constant_momentum_derivative",
+    "loss_generating_function",
+    "negative_momentum_criterion",
+    "noise_amplitude",
+    "noise_at_one",
+    "noise_generating_function",
+    "noiseless_critical_lr",
+    "noiseless_stable",
+    "optimal_lr_noise_dominated",
+    "optimal_lr_signal_dominated",
+    "power_law_phase",
+    "se_loss_curve",
+    "se_loss_grid",
+    "signal_at_one",
+    "signal_generating_function",
+    "stability",
+    "stability_map",
+    "transition_time",
 ]
 
 
@@ -121,12 +146,12 @@ class Spectrum:
     # -- constructors -----------------------------------------------------------------------------------
     @classmethod
     def from_arrays(cls, eigenvalues: Sequence[float], coefficients: Sequence[float], name: str = "arrays",
-                    multiplicities: Sequence[float] | None = None) -> "Spectrum":
+                    multiplicities: Sequence[float] | None = None) -> Spectrum:
         return cls(np.asarray(eigenvalues), np.asarray(coefficients), multiplicities=multiplicities, name=name)
 
     @classmethod
     def from_kernel(cls, kernel: Any, targets: Any, initial_outputs: Any = None, normalize: bool = False,
-                    name: str = "kernel") -> "Spectrum":
+                    name: str = "kernel") -> Spectrum:
         """Eigendecomposition of ``H_f = K / N`` (seed 004 Prop. 6, Eqs. 47-56, output space): ``lambda_k`` its
         eigenvalues, ``c_k = sum_o (u_k . e_0[:, o])^2 / N`` with ``e_0 = f_0 - y`` (``f_0 = 0`` by default), so
         ``L_0 = (1/2N) ||e_0||^2 = sum_k c_k / 2``. ``normalize=True`` divides the eigenvalues by the largest (the
@@ -156,7 +181,7 @@ class Spectrum:
 
     @classmethod
     def power_law(cls, nu: float, kappa: float, count: int, scale: float = 1.0, amplitude: float = 1.0
-                  ) -> "Spectrum":
+                  ) -> Spectrum:
         """Synthetic power law (seed 004 §6, Eq. 25): ``lambda_k = Lambda k^-nu`` and exact tail sums
         ``sum_{l>=k} c_l = K k^-kappa`` for the infinite sequence, i.e. ``c_k = K (k^-kappa - (k+1)^-kappa)``,
         k = 1..count (``Lambda`` = ``scale`` in the eigenvalues, ``K`` = ``amplitude``).
@@ -176,7 +201,7 @@ class Spectrum:
                    meta={"nu": float(nu), "kappa": float(kappa), "Lambda": float(scale), "K": float(amplitude)})
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Spectrum":
+    def from_file(cls, path: str | Path) -> Spectrum:
         """An ``.npz`` holding arrays ``eigenvalues`` and ``coefficients`` (optionally ``multiplicities``)."""
         path = Path(path)
         if not path.exists():
@@ -206,7 +231,7 @@ class Spectrum:
     def lambda_max(self) -> float:
         return float(self.eigenvalues[0])
 
-    def coarsened(self, n_bins: int) -> "Spectrum":
+    def coarsened(self, n_bins: int) -> Spectrum:
         """Merge modes into ``n_bins`` log-spaced eigenvalue bins (c summed, multiplicities summed, eigenvalue =
         multiplicity-weighted mean). Exact for equal eigenvalues, an approximation otherwise (used by ``advise``)."""
         lam, c, m = self.eigenvalues, self.coefficients, self.weights
@@ -649,9 +674,9 @@ def stability(spectrum: Spectrum, lr: float, momentum: float, batch_size: int, d
     crit = critical_learning_rate(spectrum, momentum, batch_size, dataset_size, tau1, tau2)
     ns = noiseless_stable(spectrum, lr, momentum)
     U1 = float(noise_at_one(spectrum, lr, momentum, gamma, tau1, tau2)) if abs(momentum) < 1 else math.inf
-    base = dict(lr=float(lr), momentum=float(momentum), gamma=gamma,
-                effective_lr=effective_learning_rate(lr, momentum), noise_at_one=U1, critical_lr=crit,
-                noiseless_stable=ns)
+    base = {"lr": float(lr), "momentum": float(momentum), "gamma": gamma,
+            "effective_lr": effective_learning_rate(lr, momentum), "noise_at_one": U1, "critical_lr": crit,
+            "noiseless_stable": ns}
     if ns and U1 < 1:
         return Stability(True, "converges", **base, reason=f"noiseless condition holds and U(1) = {U1:.4g} < 1")
     if not ns:
