@@ -328,11 +328,15 @@ def test_multibatch_equals_concatenated_batch():
                                rtol=0)
 
 
-def test_chunking_and_scipy_operator():
+def test_chunking_batch_mode_and_scipy_operator():
     model, loss_fn, X, y = make_problem("cnn")
     H = Hessian(model, loss_fn, (X, y), chunk_size=2)
     _, _, _, _, H0, ref = setup("cnn")
     torch.testing.assert_close(H.dense(), ref, atol=1e-10, rtol=0)
+    Hr = Hessian(model, loss_fn, (X, y), chunk_size=7, batch_mode="reverse-over-reverse")
+    torch.testing.assert_close(Hr.dense(), ref, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="batch_mode"):
+        Hessian(model, loss_fn, (X, y), batch_mode="sideways")
     op = H.to_scipy()
     from scipy.sparse.linalg import eigsh
 
@@ -518,6 +522,6 @@ def test_bad_inputs_raise_value_error_naming_the_problem():
     with pytest.raises(ValueError, match="which"):
         H.eigenvalues(which="BE")
     with pytest.raises(ValueError, match="n_probes"):
-        H.trace(n_probes=2, method="hutch++")
+        H.trace(n_probes=3, method="hutch++")
     with pytest.raises(ValueError, match="params is empty"):
         Hessian.from_function(lambda p: torch.tensor(0.0), {})

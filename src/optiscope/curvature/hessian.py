@@ -154,24 +154,34 @@ class Hessian:
         Vectors per ``vmap`` call in :meth:`hvp_batch`; default derived from ``memory_budget_mb``.
     memory_budget_mb : float
         Memory allowed for one batched HVP call (used when ``chunk_size`` is None).
+    batch_mode : ``"forward-over-reverse"`` (default) or ``"reverse-over-reverse"``
+        AD mode of :meth:`hvp_batch`. Under ``vmap`` reverse-over-reverse builds the gradient graph once per chunk and
+        batches only the second backward pass, which is faster on some models (see ``docs/benchmarks.md``); both are
+        exact. If forward mode is unavailable, reverse-over-reverse is used regardless.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Any,
                  params: Iterable[str] | None = None, chunk_size: int | None = None,
-                 memory_budget_mb: float = 512.0, *, _problem: LossFunction | None = None):
+                 memory_budget_mb: float = 512.0, batch_mode: str = "forward-over-reverse", *,
+                 _problem: LossFunction | None = None):
         problem = _problem if _problem is not None else LossFunction.from_model(model, loss_fn, data, params)
-        self._init(problem, chunk_size, memory_budget_mb)
+        self._init(problem, chunk_size, memory_budget_mb, batch_mode)
         self._module_of = {n: n.rsplit(".", 1)[0] if "." in n else n for n in self.param_names}
 
     @classmethod
     def from_function(cls, f: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor],
-                      chunk_size: int | None = None, memory_budget_mb: float = 512.0) -> "Hessian":
+                      chunk_size: int | None = None, memory_budget_mb: float = 512.0,
+                      batch_mode: str = "forward-over-reverse") -> "Hessian":
         """Hessian of an arbitrary scalar function ``f(params_dict) -> Tensor`` at ``params`` (a dict of tensors)."""
         problem = LossFunction.from_function(f, params)
         return cls(None, None, None, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb,
-                   _problem=problem)
+                   batch_mode=batch_mode, _problem=problem)
 
-    def _init(self, problem: LossFunction, chunk_size: int | None, memory_budget_mb: float) -> None:
+    def _init(self, problem: LossFunction, chunk_size: int | None, memory_budget_mb: float,
+              batch_mode: str) -> None:
+        if batch_mode not in ("forward-over-reverse", "reverse-over-reverse"):
+            raise ValueError(f"batch_mode must be 'forward-over-reverse' or 'reverse-over-reverse', got {batch_mode!r}")
+        self.batch_mode = batch_mode
         if chunk_size is not None:
             _check_int("chunk_size", chunk_size, 1)
         if not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0):
@@ -342,14 +352,15 @@ class Hessian:
         return {n: torch.cat([p[n] for p in parts]) for n in self.param_names}
 
     def _hvp_chunk(self, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        mode = "reverse-over-reverse" if self.batch_mode == "reverse-over-reverse" else self.hvp_mode
         if self._vmap_ok:
             try:
-                return self._hvp_all(V, self.hvp_mode, batched=True)
+                return self._hvp_all(V, mode, batched=True)
             except (RuntimeError, NotImplementedError) as e:
                 self._vmap_ok = False
                 self.vmap_fallback_reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         B = V[self.param_names[0]].shape[0]
-        cols = [self._hvp_all({n: t[b] for n, t in V.items()}, self.hvp_mode, batched=False) for b in range(B)]
+        cols = [self._hvp_all({n: t[b] for n, t in V.items()}, mode, batched=False) for b in range(B)]
         return {n: torch.stack([c[n] for c in cols]) for n in self.param_names}
 
     def _matmat(self, X: Tensor) -> Tensor:
@@ -563,7 +574,7 @@ class Hessian:
         """
         if method not in ("hutch++", "hutchinson"):
             raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
-        n_probes = _check_int("n_probes", n_probes, 3 if method == "hutch++" else 2)
+        n_probes = _check_int("n_probes", n_probes, 4 if method == "hutch++" else 2)
         g = _generator(seed)
         before = self.n_hvp
         if method == "hutchinson":
@@ -582,7 +593,7 @@ class Hessian:
         G = _rademacher((n_g, self.numel), g, self.dtype, self.device).double()
         G = G - (G @ Q.double()) @ Q.double().T
         q = (G * self._matmat(G.to(self.dtype)).double()).sum(1).cpu().numpy()
-        stderr = float(q.std(ddof=1) / math.sqrt(n_g)) if n_g > 1 else 0.0
+        stderr = float(q.std(ddof=1) / math.sqrt(n_g))
         return TraceResult(head + float(q.mean()), stderr, self.n_hvp - before, method)
 
     def density(self, n_probes: int = 10, n_lanczos: int = 80, seed: int = 0, grid_size: int = 1000,
@@ -812,18 +823,22 @@ def _power(A, start: Tensor, k: int, tol: float, max_iter: int, g: torch.Generat
         v = v / v.norm()
         lam = None
         ok = False
+        r = math.inf
+        x = v
         for _ in range(max_iter):
             Hv = _orth(A(v), vecs)
             new = float(v.double() @ Hv.double())
             hist.append(new)
-            if lam is not None and abs(new - lam) / (abs(lam) + 1e-6) < tol:
-                lam = new
+            r = float((Hv - new * v).norm())
+            x = v
+            done = lam is not None and abs(new - lam) / (abs(lam) + 1e-6) < tol
+            lam = new
+            if done:
                 ok = True
                 break
-            lam = new
             v = Hv / Hv.norm()
         converged &= ok
         vals.append(lam)
-        vecs.append(v)
-        res.append(float((Hv - lam * v).norm()))
+        vecs.append(x)
+        res.append(r)
     return np.array(vals), vecs, np.array(res), converged, hist
