@@ -54,7 +54,7 @@ class CNNConfig(Config):
         require(self.n_bootstrap >= 100, "n_bootstrap", self.n_bootstrap, ">= 100")
 
 
-QUICK = CNNConfig(steps=200, tune_steps=40, per_layer=50)
+QUICK = CNNConfig(steps=200, tune_steps=40, per_layer=200)
 FULL = CNNConfig(n_train=60000, probe_size=1024, channels=(32, 64, 128), hidden=512, steps=2050, batch_size=1024,
                  sgdm_lrs=(0.05, 0.1, 0.5, 1.0), adam_lrs=(1e-3, 5e-3, 1e-2), tune_steps=300, repeats=8,
                  n_checkpoints=10)

@@ -38,7 +38,7 @@ class LowRankConfig(rc.LMConfig):
 
 
 QUICK = LowRankConfig(seq_len=32, n_train=2048, probe_size=16, d_model=32, n_layers=1, n_heads=4, steps=200,
-                      batch_size=256, tune_steps=40, repeats=1, n_checkpoints=1, per_layer=50, align_per_layer=50)
+                      batch_size=256, tune_steps=40, repeats=1, n_checkpoints=1, per_layer=200, align_per_layer=50)
 FULL = LowRankConfig(seq_len=64, n_train=20000, probe_size=512, d_model=128, n_layers=4, n_heads=4, steps=1800,
                      batch_size=512, sgdm_lrs=(0.03, 0.1, 0.3, 1.0), tune_steps=300, adam_lr=1e-3, repeats=4,
                      n_checkpoints=6, align_per_layer=200)

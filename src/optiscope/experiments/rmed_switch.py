@@ -33,7 +33,7 @@ class SwitchConfig(rc.LMConfig):
 
 
 QUICK = SwitchConfig(seq_len=32, n_train=2048, probe_size=16, d_model=32, n_layers=1, n_heads=4, steps=300,
-                     batch_size=256, tune_steps=40, repeats=1, n_checkpoints=4, per_layer=50)
+                     batch_size=256, tune_steps=40, repeats=1, n_checkpoints=4, per_layer=200)
 FULL = SwitchConfig(seq_len=64, n_train=20000, probe_size=512, d_model=128, n_layers=4, n_heads=4, steps=1800,
                     batch_size=512, sgd_lrs=(0.1, 0.3, 1.0, 3.0), tune_steps=300, adam_lr=1e-3, repeats=4,
                     n_checkpoints=12)
