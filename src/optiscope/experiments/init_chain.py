@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from optiscope.experiments.base import Claim, Result, register
+from optiscope.lab.init_check import limit_threads
 from optiscope.lab.store import RunStore
 from optiscope.theory.init import (chain_abs_moment, chain_medians, chain_product_median,
                                    chain_product_median_approx, moment_stabilizing_scale, moment_trade_off)
@@ -103,6 +104,11 @@ def chain_monte_carlo(n_samples: int, max_depth: int, dist: str, scale: float, x
           presets={"quick": ChainConfig(), "full": ChainConfig(n_samples=10_000_000)})
 def run(config: ChainConfig, store: RunStore) -> Result:
     """Monte Carlo (>= 2000 chains) vs exact medians of forward, gradient and Hessian entries at depths 1..L."""
+    with limit_threads(1):  # many small tensors: one thread avoids oversubscription
+        return _run(config, store)
+
+
+def _run(config: ChainConfig, store: RunStore) -> Result:
     gen = torch.Generator().manual_seed(config.seed)
     depths = np.arange(1, config.max_depth + 1)
     claims: list[Claim] = []

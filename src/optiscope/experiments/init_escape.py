@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from optiscope.experiments.base import Claim, Result, register
+from optiscope.lab.init_check import limit_threads
 from optiscope.lab.store import RunStore
 from optiscope.optim import SGD, RMSProp
 from optiscope.theory.init import chain_gf_escape_time, chain_gf_escape_time_lower_bound, chain_rmsprop_escape_time_bound
@@ -182,6 +183,11 @@ def _median_escape(tr: _Track, censor: int) -> float:
                                         gd_lrs=(0.003, 0.01, 0.03, 0.1), pgd_noise=(0.0003, 0.001, 0.01, 0.03))})
 def run(config: EscapeConfig, store: RunStore) -> Result:
     """Iterations to escape the small-init plateau vs depth for GD, perturbed GD and RMSprop."""
+    with limit_threads(1):  # many small tensors: one thread avoids oversubscription
+        return _run(config, store)
+
+
+def _run(config: EscapeConfig, store: RunStore) -> Result:
     gen = torch.Generator().manual_seed(config.seed)
     families = [("gd", "gd", config.gd_lrs, (0.0,), None),
                 ("pgd", "pgd", (config.pgd_lr,), config.pgd_noise, None),
