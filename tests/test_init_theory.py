@@ -98,15 +98,15 @@ def test_gradient_flow_escape_time_matches_ode_integration():
     for L, w0 in [(4, 0.5), (8, 0.6), (12, 0.7)]:
         t_exact = ti.chain_gf_escape_time(L, w0, 0.5)
         target = ti.chain_escape_target(L, w0, 0.5)
-        ev = lambda t, w: w[0] - target  # noqa: E731
+        ev = lambda t, w, target=target: w[0] - target
         ev.terminal = True
-        sol = solve_ivp(lambda t, w: [w[0] ** (L - 1) * (1 - w[0] ** L)], (0, 10 * t_exact + 10), [w0], events=ev,
+        sol = solve_ivp(lambda t, w, L=L: [w[0] ** (L - 1) * (1 - w[0] ** L)], (0, 10 * t_exact + 10), [w0], events=ev,
                         rtol=1e-10, atol=1e-12)
         assert sol.t_events[0][0] == pytest.approx(t_exact, rel=1e-5)
         assert ti.chain_gf_escape_time_lower_bound(L, w0, 0.5) <= t_exact
         # the bounding ODE dominates the true flow and blows up at t*
         tt = np.linspace(0, 0.99 * t_exact, 5)
-        sol2 = solve_ivp(lambda t, w: [w[0] ** (L - 1) * (1 - w[0] ** L)], (0, tt[-1]), [w0], t_eval=tt, rtol=1e-10)
+        sol2 = solve_ivp(lambda t, w, L=L: [w[0] ** (L - 1) * (1 - w[0] ** L)], (0, tt[-1]), [w0], t_eval=tt, rtol=1e-10)
         assert np.all(ti.chain_gf_upper_bound(tt, L, w0) >= sol2.y[0] - 1e-9)
         assert math.isinf(ti.chain_gf_upper_bound(ti.chain_gf_blowup_time(L, w0) * 1.01, L, w0))
     # exponential in depth: 2^(L-2)/(L-2) for w0 = 1/2
