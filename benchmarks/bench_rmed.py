@@ -70,7 +70,8 @@ def main() -> None:
         f"{t_ours / t_step:.0f} steps |",
         f"| R_med checkpoint with {all_threads} threads (all rows above: 1 thread) | {n_ours:.0f} | {t_all:.2f} | "
         f"{t_all / t_ours:.2f}x the 1-thread time |",
-        "", f"Seconds per HVP (weight matrices): {t_ours / n_ours * 1e3:.1f} ms.",
+        "", f"Seconds per HVP (weight matrices): {t_ours / n_ours * 1e3:.1f} ms. Load average during the run: "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (absolute times scale with it; the ratios less so).",
     ]
     print("\n".join(md))
     write_section("rmed", "## R_med checkpoint cost (issue 8)\n\n" + "\n".join(md))
