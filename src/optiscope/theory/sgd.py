@@ -530,12 +530,18 @@ def noise_at_one(spectrum: Spectrum, lr: Any, momentum: Any, gamma: float, tau1:
 
     Returns ``inf`` where some ``D_k <= 0`` for a positive eigenvalue (no convergent series).
     """
-    x, D, b = _denominators(spectrum, lr, momentum, gamma, tau2)
-    pos = spectrum.eigenvalues > 0
-    bad = np.any((D <= 0) & pos, axis=-1)
+    lam = spectrum.eigenvalues
+    pos = lam > 0
+    lam = lam[pos]
+    w = None if spectrum.multiplicities is None else spectrum.multiplicities[pos]
+    lr_a = np.asarray(lr, dtype=float)[..., None]
+    b = np.asarray(momentum, dtype=float)[..., None]
+    x = lr_a * lam
+    D = 2 * (1 - b ** 2) - x * ((1 - b) - gamma * tau2 * (1 + b))
+    bad = np.any(D <= 0, axis=-1)
+    num = x if w is None else x * w
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(pos, spectrum.weights * gamma * tau1 * x * (1 + b) / np.where(D > 0, D, 1.0), 0.0)
-    U = np.sum(terms, axis=-1)
+        U = gamma * tau1 * (1 + b[..., 0]) * np.sum(num / D, axis=-1)
     return np.where(bad, np.inf, U)
 
 
