@@ -19,13 +19,13 @@ Pure: parameters, buffers and the global RNG are untouched.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-__all__ = ["empirical_ntk", "NTKOneHiddenLayer"]
+__all__ = ["NTKOneHiddenLayer", "empirical_ntk"]
 
 
 def empirical_ntk(model: nn.Module, inputs: Tensor, params: Iterable[str] | None = None, chunk_size: int | None = None,

@@ -21,9 +21,16 @@ import numpy as np
 
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.store import RunStore
-from optiscope.theory.sgd import (Spectrum, critical_learning_rate, log_constant_momentum_derivative,
-                                  negative_momentum_criterion, optimal_lr_noise_dominated,
-                                  optimal_lr_signal_dominated, power_law_phase, se_loss_grid)
+from optiscope.theory.sgd import (
+    Spectrum,
+    critical_learning_rate,
+    log_constant_momentum_derivative,
+    negative_momentum_criterion,
+    optimal_lr_noise_dominated,
+    optimal_lr_signal_dominated,
+    power_law_phase,
+    se_loss_grid,
+)
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
 from optiscope.utils.progress import progress_task

@@ -18,7 +18,13 @@ import numpy as np
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.experiments.sgd_common import ntk_problem
 from optiscope.lab.store import RunStore
-from optiscope.theory.sgd import Spectrum, critical_learning_rate, effective_lr_bound, noise_amplitude, stability_map
+from optiscope.theory.sgd import (
+    Spectrum,
+    critical_learning_rate,
+    effective_lr_bound,
+    noise_amplitude,
+    stability_map,
+)
 from optiscope.theory.sgd_sim import simulate_sampled_sgd
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt

@@ -25,7 +25,7 @@ import torch
 
 from optiscope.theory.sgd import SpectrumError, noise_amplitude, torch_threads
 
-__all__ = ["SampledRuns", "simulate_sampled_sgd", "exact_second_moments"]
+__all__ = ["SampledRuns", "exact_second_moments", "simulate_sampled_sgd"]
 
 
 def _as_kernel_and_error(kernel: Any, initial_error: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
