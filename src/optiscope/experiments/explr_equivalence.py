@@ -264,7 +264,7 @@ def run(config: ExpLRConfig, store: RunStore) -> Result:
                       "last_logged_step": r["step"][-1] if r["step"] else None,
                       "ratio_predicted_at_last_logged": r["predicted_ratio"][-1] if r["predicted_ratio"] else None,
                       "ratio_measured_at_last_logged": r["norm_ratio"][-1] if r["norm_ratio"] else None,
-                      "alpha_pow_minus_steps": 1.0 / r["final_scale"]},
+                      "predicted_ratio_at_end": 1.0 / r["final_scale"]},
             holds=(r["max_norm_ratio_dev"] <= 1e-6) if exact else None))
     return Result(claims=claims, metrics={
         "alpha": alpha, "alpha_pow_minus_steps": alpha ** (-config.steps),
