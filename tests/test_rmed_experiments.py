@@ -9,6 +9,7 @@ from torch.func import functional_call, hessian
 
 from optiscope.experiments import _rmed_common as rc
 from optiscope.experiments.base import run_experiment
+from optiscope.lab.probes import weight_matrix_params
 
 LM_TINY = ["seq_len=8", "n_train=64", "probe_size=4", "d_model=8", "n_heads=2", "n_layers=1", "steps=6",
            "batch_size=32", "tune_steps=2", "sgdm_lrs=[0.1,0.3]", "n_checkpoints=2", "per_layer=4",
@@ -35,9 +36,9 @@ def test_sampled_rmed_probe_matches_dense_hessian_diagonal():
     y = torch.randint(0, 3, (40,))
     loss_fn = torch.nn.CrossEntropyLoss()
     problem = Problem(model, loss_fn, train=(X, y), probe_batch=(X, y))
-    names = rc.weight_matrix_params(model)
+    names = weight_matrix_params(model)
     assert names == ["0.weight", "2.weight"]
-    probe = rc.SampledRMedProbe(names, per_layer=6, save_diagonal=True)
+    probe = rc.rmed_probe(names, per_layer=6, save_diagonal=True)
     res = compare(problem, {"a": ("sgd", {"lr": 0.1}), "b": ("adam", {"lr": 0.01})}, 3, probes=[probe],
                   checkpoint=False, full_batch=True)
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -63,7 +64,7 @@ def test_sampled_rmed_probe_matches_dense_hessian_diagonal():
     later = res.metrics[(res.metrics["metric"] == "r_med") & (res.metrics["step"] == 3)]
     assert later.groupby("run")["value"].sum().nunique() == 2        # different trajectories, measured anew
     with pytest.raises(ValueError, match="per_layer"):
-        rc.SampledRMedProbe(names, per_layer=0)
+        rc.rmed_probe(names, per_layer=0)
 
 
 def test_rmed_two_layer_end_to_end(tmp_path):

@@ -1,8 +1,7 @@
 """Shared machinery of the R_med experiments (seed 000; issue 8): ``rmed_*`` modules compose these.
 
-* :class:`SampledRMedProbe`: R_med (seed 000 §3.2, Eq. 1) on ``per_layer`` exact Hessian diagonal entries of
-  selected parameter tensors only (default: the weight matrices; the seed counts "layers" without normalisation
-  layers, App. A.1), so that biases and LayerNorm gains cost no Hessian-vector products.
+* :func:`rmed_probe`: the lab's R_med probe (seed 000 §3.2, Eq. 1) on selected parameter tensors only (default:
+  the weight matrices), so that biases and LayerNorm gains cost no Hessian-vector products.
 * :func:`compare_repeats`: SGD+M vs Adam (or any optimizers) from the same initial model, R repeats that differ
   only in the data order (seed 000 §4.1: "repeated ... starting from the same initialization").
 * :func:`tune_lr`: the best learning rate of a grid by final training loss (seed 000 §4: "we tuned and chose the
@@ -19,7 +18,6 @@ the last checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from optiscope.lab.probes import weight_matrix_params
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
 
@@ -39,75 +38,13 @@ AT_CHOICES = ("late_mean", "final")
 # ----------------------------------------------------------------------------------------------------------------
 # probe
 # ----------------------------------------------------------------------------------------------------------------
-def weight_matrix_params(model: torch.nn.Module) -> list[str]:
-    """Names of trainable parameters with >= 2 dimensions (weight matrices, embeddings, conv kernels), in order."""
-    return [n for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+def rmed_probe(params: Sequence[str] | str = "weights", per_layer: int = 200, delta: float = 0.0,
+               save_diagonal: bool = False):
+    """The lab's ``r_med`` probe restricted to ``params`` (default: the weight matrices; the seed counts "layers"
+    without normalisation layers, App. A.1), so that biases and LayerNorm gains cost no Hessian-vector products."""
+    from optiscope.lab.probes import RMedProbe
 
-
-class SampledRMedProbe:
-    """``r_med`` on a subset of parameter tensors (seed 000 §3.2, Eq. 1):
-
-        R_med,l = max_{i in I_l} h_i / (median_{i in I_l} h_i + delta),   h_i = e_i^T H e_i exactly,
-
-    with ``I_l`` = ``per_layer`` coordinates of parameter tensor ``l`` sampled once per run (seed = the run's seed)
-    and reused at every checkpoint; ``params=None`` uses :func:`weight_matrix_params`. The Hessian is that of the
-    problem's loss on its fixed probe batch (``state.hessian()``). Also records the HVPs and seconds spent per
-    checkpoint (``r_med_n_hvp``, ``r_med_seconds``) and the count of ``h_i <= 0`` (``r_med_nonpositive``).
-    ``delta`` is the seed's extra denominator term for random targets (§4.2; its value is not in the seed text).
-    """
-
-    name = "r_med"
-
-    def __init__(self, params: Sequence[str] | None = None, per_layer: int = 200, delta: float = 0.0,
-                 save_diagonal: bool = False):
-        if int(per_layer) < 1:
-            raise ValueError(f"r_med probe: per_layer = {per_layer!r} must be >= 1")
-        if not (delta >= 0):
-            raise ValueError(f"r_med probe: delta = {delta!r} must be >= 0")
-        self.params = None if params is None else list(params)
-        self.per_layer, self.delta, self.save_diagonal = int(per_layer), float(delta), bool(save_diagonal)
-        self._memo: dict[str, dict[str, Any]] = {}
-
-    @staticmethod
-    def _fingerprint(problem, state, names: Sequence[str]) -> str:
-        h = hashlib.sha1()
-        for n, p in state.params().items():
-            h.update(n.encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-        for t in problem.probe_batch:
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        h.update(repr((list(names), state.seed)).encode())
-        return h.hexdigest()
-
-    def __call__(self, problem, state) -> dict[str, Any]:
-        """The shared initialisation of compared runs (step 0, identical parameters) is measured once."""
-        names = self.params if self.params is not None else weight_matrix_params(state.model)
-        if state.step != 0:
-            return self._measure(problem, state, names)
-        key = self._fingerprint(problem, state, names)
-        if key not in self._memo:
-            self._memo[key] = self._measure(problem, state, names)
-        return dict(self._memo[key])
-
-    def _measure(self, problem, state, names: Sequence[str]) -> dict[str, Any]:
-        from optiscope.metrics import r_med
-
-        t0 = time.perf_counter()
-        H = state.hessian()
-        key = f"rmed_coords_{self.per_layer}_{','.join(names)}"
-        if key not in state.cache:
-            state.cache[key] = H.sample_coordinates(per_layer=self.per_layer, seed=state.seed, layers=names)
-        res = H.diagonal(state.cache[key])
-        vals, nonpos = {}, {}
-        for n in names:
-            r = r_med(res.values[n], delta=self.delta)
-            vals[n] = float(r.value)
-            nonpos[n] = float(r.n_nonpositive)
-        out: dict[str, Any] = {"r_med": vals, "r_med_nonpositive": nonpos, "r_med_n_hvp": float(res.n_hvp),
-                               "r_med_seconds": time.perf_counter() - t0}
-        if self.save_diagonal:
-            out["hessian_diagonal"] = torch.cat([res.values[n].reshape(-1) for n in names]).double().cpu().numpy()
-        return out
+    return RMedProbe(per_layer=per_layer, delta=delta, save_diagonal=save_diagonal, params=params)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -470,7 +407,7 @@ def run_pair(cfg: LMConfig, problem, optimizers: Mapping[str, Any] | None = None
     opts.setdefault(b, make_b(best))
     opts.setdefault(a, adam_spec(cfg))
     layers = weight_matrix_params(problem.model)
-    probes = ["loss:on=train", SampledRMedProbe(layers, cfg.per_layer, cfg.delta), *extra_probes]
+    probes = ["loss:on=train", rmed_probe(layers, cfg.per_layer, cfg.delta), *extra_probes]
     out = compare_repeats(problem, opts, cfg.steps, cfg.repeats, cfg.seed, probes,
                           batch_size=cfg.batch_size, probe_steps=checkpoint_steps(cfg.steps, cfg.n_checkpoints),
                           checkpoint=False)

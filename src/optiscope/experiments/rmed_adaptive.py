@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from optiscope.experiments import _rmed_common as rc
+from optiscope.lab.probes import weight_matrix_params
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.utils.config import require
 
@@ -52,7 +53,7 @@ def run(config: AdaptiveConfig, store) -> Result:
     """Seed 000 Tables 3-6 analogue: every adaptive method against its non-adaptive baseline."""
     cfg = config
     problem = rc.lm_problem(cfg)
-    layers = rc.weight_matrix_params(problem.model)
+    layers = weight_matrix_params(problem.model)
     kw = dict(batch_size=cfg.batch_size, checkpoint=False)
     tuning = {}
     best_sgd, tuning["sgd"] = rc.tune_lr(problem, lambda lr: ("sgd", {"lr": lr}), cfg.sgd_lrs, cfg.tune_steps,
@@ -64,7 +65,7 @@ def run(config: AdaptiveConfig, store) -> Result:
             "rmsprop": ("rmsprop", {"lr": cfg.rmsprop_lr, "beta": cfg.rmsprop_beta,
                                     "momentum": cfg.rmsprop_momentum}),
             "amsgrad": ("amsgrad", {"lr": cfg.amsgrad_lr, "betas": (cfg.beta1, cfg.beta2)})}
-    probes = ["loss:on=train", rc.SampledRMedProbe(layers, cfg.per_layer, cfg.delta)]
+    probes = ["loss:on=train", rc.rmed_probe(layers, cfg.per_layer, cfg.delta)]
     out = rc.compare_repeats(problem, opts, cfg.steps, cfg.repeats, cfg.seed, probes, checkpoint=False,
                              batch_size=cfg.batch_size, probe_steps=rc.checkpoint_steps(cfg.steps, cfg.n_checkpoints))
     rc.store_metrics(store, out.metrics)

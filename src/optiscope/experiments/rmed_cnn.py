@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from optiscope.experiments import _rmed_common as rc
+from optiscope.lab.probes import weight_matrix_params
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.utils.config import Config, require
 
@@ -80,13 +81,13 @@ def run(config: CNNConfig, store) -> Result:
     """Seed 000 Table 10 analogue: does R_med still separate when Adam is not faster?"""
     cfg = config
     problem = cnn_problem(cfg)
-    layers = rc.weight_matrix_params(problem.model)
+    layers = weight_matrix_params(problem.model)
     kw = dict(batch_size=cfg.batch_size, checkpoint=False)
     sgdm = lambda lr: ("sgdm", {"lr": float(lr), "momentum": cfg.momentum})  # noqa: E731
     adam = lambda lr: ("adam", {"lr": float(lr), "betas": (cfg.beta1, cfg.beta2)})  # noqa: E731
     best_sgdm, tune_sgdm = rc.tune_lr(problem, sgdm, cfg.sgdm_lrs, cfg.tune_steps, cfg.seed, **kw)
     best_adam, tune_adam = rc.tune_lr(problem, adam, cfg.adam_lrs, cfg.tune_steps, cfg.seed, **kw)
-    probes = ["loss:on=train", "accuracy", rc.SampledRMedProbe(layers, cfg.per_layer)]
+    probes = ["loss:on=train", "accuracy", rc.rmed_probe(layers, cfg.per_layer)]
     out = rc.compare_repeats(problem, {"sgdm": sgdm(best_sgdm), "adam": adam(best_adam)}, cfg.steps, cfg.repeats,
                              cfg.seed, probes, probe_steps=rc.checkpoint_steps(cfg.steps, cfg.n_checkpoints), **kw)
     rc.store_metrics(store, out.metrics)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from optiscope.experiments import _rmed_common as rc
+from optiscope.lab.probes import weight_matrix_params
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.utils.config import require
 
@@ -52,11 +53,11 @@ def run(config: SameLossConfig, store) -> Result:
 
     cfg = config
     problem = rc.lm_problem(cfg)
-    layers = rc.weight_matrix_params(problem.model)
+    layers = weight_matrix_params(problem.model)
     best, tuning = rc.tune_lr(problem, lambda lr: rc.sgdm_spec(cfg, lr), cfg.sgdm_lrs, cfg.tune_steps, cfg.seed,
                               batch_size=cfg.batch_size, checkpoint=False) if len(cfg.sgdm_lrs) > 1 else \
         (cfg.sgdm_lrs[0], {})
-    rmed = rc.SampledRMedProbe(layers, cfg.per_layer, cfg.delta)
+    rmed = rc.rmed_probe(layers, cfg.per_layer, cfg.delta)
     sgd_steps = rc.checkpoint_steps(cfg.steps, cfg.n_checkpoints)
     frames, pairs_all, status = [], [], {}
     va, vb = np.full((cfg.repeats, len(layers)), np.nan), np.full((cfg.repeats, len(layers)), np.nan)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from optiscope.experiments import _rmed_common as rc
+from optiscope.lab.probes import weight_matrix_params
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.utils.config import require
 
@@ -57,13 +58,13 @@ def run(config: SwitchConfig, store) -> Result:
 
     cfg = config
     problem = rc.lm_problem(cfg)
-    layers = rc.weight_matrix_params(problem.model)
+    layers = weight_matrix_params(problem.model)
     sgd_spec = lambda lr: ("sgd", {"lr": float(lr), "weight_decay": cfg.weight_decay})  # noqa: E731
     best, tuning = rc.tune_lr(problem, sgd_spec, cfg.sgd_lrs, cfg.tune_steps, cfg.seed, batch_size=cfg.batch_size,
                               checkpoint=False) if len(cfg.sgd_lrs) > 1 else (cfg.sgd_lrs[0], {})
     s = int(round(cfg.switch_fraction * cfg.steps))
     steps = sorted(set(rc.checkpoint_steps(cfg.steps, cfg.n_checkpoints)) | {s})
-    rmed = rc.SampledRMedProbe(layers, cfg.per_layer, cfg.delta)
+    rmed = rc.rmed_probe(layers, cfg.per_layer, cfg.delta)
     frames, status = [], {}
     for r in range(cfg.repeats):
         kw = dict(batch_size=cfg.batch_size, seed=cfg.seed, data_seed=cfg.seed + r, checkpoint=False,

@@ -24,6 +24,7 @@ import torch
 from scipy import stats
 
 from optiscope.experiments import _rmed_common as rc
+from optiscope.lab.probes import weight_matrix_params
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
@@ -93,7 +94,7 @@ def two_layer_problem(width: int, input_dim: int, n_train: int, init_scale: floa
 
 def hidden_side_names(model: torch.nn.Module) -> tuple[str, str]:
     """Names of W1 (m x d; hidden units on rows) and W2 (k x m; hidden units on columns), in forward order."""
-    names = rc.weight_matrix_params(model)
+    names = weight_matrix_params(model)
     if len(names) != 2:
         raise ValueError(f"expected a two-layer network with two weight matrices, found {names}")
     return names[0], names[1]
@@ -173,7 +174,7 @@ def run(config: TwoLayerRMedConfig, store) -> Result:
                 problem, ds = two_layer_problem(m, d, cfg.n_train, cfg.init_scale, seed=cfg.seed * 1000 + r,
                                                 data_seed=cfg.seed)
                 w1, w2 = hidden_side_names(problem.model)
-                probes = [make_probe("loss"), rc.SampledRMedProbe([w1, w2], cfg.per_layer),
+                probes = [make_probe("loss"), rc.rmed_probe([w1, w2], cfg.per_layer),
                           make_probe("diag_dominance", per_layer=cfg.dominance_per_layer), HiddenUniformityProbe(),
                           ExactDominanceProbe(ds.meta["teacher"], ds.train[0], cfg.exact_max_params)]
                 out = rc.compare_repeats(problem, optimizers, cfg.steps, 1, seed=cfg.seed * 1000 + r,

@@ -32,9 +32,11 @@ adam_correction    registered lazily from ``optiscope.lab.adam_correction_probe`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,18 +97,19 @@ class ProbeState:
         named = dict(self.model.named_parameters())
         return {n: named[n].detach() for n in self.problem.param_names}
 
-    def coordinates(self, per_layer: int = 200) -> dict[str, torch.Tensor]:
-        """Sampled flat coordinates per parameter, drawn once per run and reused at every checkpoint."""
-        key = f"coords_{per_layer}"
+    def coordinates(self, per_layer: int = 200, params: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Sampled flat coordinates per parameter (all of them, or those in ``params``), drawn once per run and
+        reused at every checkpoint."""
+        key = f"coords_{per_layer}" if params is None else f"coords_{per_layer}_{','.join(params)}"
         if key not in self.cache:
-            self.cache[key] = self.hessian().sample_coordinates(per_layer=per_layer, seed=self.seed)
+            self.cache[key] = self.hessian().sample_coordinates(per_layer=per_layer, seed=self.seed, layers=params)
         return self.cache[key]
 
-    def hessian_diagonal(self, per_layer: int = 200) -> dict[str, torch.Tensor]:
+    def hessian_diagonal(self, per_layer: int = 200, params: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Exact Hessian diagonal entries on :meth:`coordinates` (one HVP per coordinate, shared by probes)."""
-        key = f"diag_{per_layer}"
+        key = f"diag_{per_layer}" if params is None else f"diag_{per_layer}_{','.join(params)}"
         if key not in self.scratch:
-            res = self.hessian().diagonal(self.coordinates(per_layer))
+            res = self.hessian().diagonal(self.coordinates(per_layer, params))
             self.scratch[key] = {n: v.detach() for n, v in res.values.items()}
             self.scratch[key + "_n_hvp"] = int(res.n_hvp)
         return self.scratch[key]
@@ -287,32 +290,86 @@ class OneNormProbe(Probe):
         return {"one_norm": sum(per.values()), "one_norm_layer": _by_layer(problem, per), "one_norm_eps": float(eps)}
 
 
+def weight_matrix_params(model: nn.Module) -> list[str]:
+    """Names of trainable parameters with >= 2 dimensions (weight matrices, embeddings, conv kernels), in order."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+
+
 class RMedProbe(Probe):
     """``r_med``: per layer, ``R_med = max_i h_i / (median_i h_i + delta)`` over ``per_layer`` sampled exact
     Hessian diagonal entries ``h_i = e_i^T H e_i`` (seed 000 §3.2, Eq. 1; spec §2f). The coordinates are sampled once
     per run (seed from the run) and reused at every checkpoint. Also records ``r_med_nonpositive`` (count of
-    h_i <= 0) and the HVPs spent (``r_med_n_hvp``)."""
+    h_i <= 0), the HVPs spent (``r_med_n_hvp``) and the seconds (``r_med_seconds``).
+
+    ``params`` restricts the measurement (and its cost) to some parameter tensors: ``None`` (all trainable ones),
+    ``"weights"`` (tensors with >= 2 dimensions: weight matrices, embeddings, conv kernels; seed 000 reports R_med of
+    weight matrices) or a list of names. ``delta`` is the seed's extra denominator term for random targets (§4.2;
+    its value is not in the seed text). The shared initialization of compared runs (step 0, identical parameters,
+    same probe batch and coordinates) is measured once and reused.
+    """
 
     name = "r_med"
 
-    def __init__(self, per_layer: int = 200, delta: float = 0.0, save_diagonal: bool = False):
+    def __init__(self, per_layer: int = 200, delta: float = 0.0, save_diagonal: bool = False,
+                 params: str | Sequence[str] | None = None):
         if int(per_layer) < 1:
             raise ValueError(f"r_med probe: per_layer={per_layer!r} must be >= 1")
+        if not delta >= 0:
+            raise ValueError(f"r_med probe: delta={delta!r} must be >= 0")
+        if isinstance(params, str) and params != "weights":
+            raise ValueError(f"r_med probe: params={params!r}; allowed: None, 'weights' or a list of parameter names")
         self.per_layer, self.delta, self.save_diagonal = int(per_layer), float(delta), bool(save_diagonal)
+        self.params = params if params is None or isinstance(params, str) else list(params)
+        self._step0: dict[str, dict[str, Any]] = {}
+
+    def _names(self, problem, state) -> list[str] | None:
+        if self.params is None:
+            return None
+        names = weight_matrix_params(state.model) if self.params == "weights" else self.params
+        unknown = [n for n in names if n not in problem.param_names]
+        if unknown:
+            raise ValueError(f"r_med probe: unknown parameter(s) {unknown}; valid: {problem.param_names}")
+        return names
+
+    @staticmethod
+    def _fingerprint(problem, state, names, per_layer) -> str:
+        h = hashlib.sha1()
+        for n, p in state.params().items():
+            h.update(n.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        for t in problem.probe_batch:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(repr((names, per_layer, state.seed)).encode())
+        return h.hexdigest()
 
     def __call__(self, problem, state):
+        names = self._names(problem, state)
+        if state.step != 0:
+            return self._measure(problem, state, names)
+        key = self._fingerprint(problem, state, names, self.per_layer)
+        if key not in self._step0:
+            self._step0[key] = self._measure(problem, state, names)
+        else:  # same coordinates for the rest of this run as for the run that measured the shared init
+            state.coordinates(self.per_layer, names)
+        return dict(self._step0[key])
+
+    def _measure(self, problem, state, names):
         from optiscope.metrics import r_med
 
-        diag = _concat_by_layer(problem, state.hessian_diagonal(self.per_layer))
+        t0 = time.perf_counter()
+        per_param = state.hessian_diagonal(self.per_layer, names)
+        diag = _concat_by_layer(problem, per_param)
         vals, nonpos = {}, {}
         for lname, h in diag.items():
             res = r_med(h, delta=self.delta)
             vals[lname] = float(res.value)
             nonpos[lname] = float(res.n_nonpositive)
+        tag = f"diag_{self.per_layer}" if names is None else f"diag_{self.per_layer}_{','.join(names)}"
         out: dict[str, Any] = {"r_med": vals, "r_med_nonpositive": nonpos,
-                               "r_med_n_hvp": float(state.scratch.get(f"diag_{self.per_layer}_n_hvp", 0))}
+                               "r_med_n_hvp": float(state.scratch.get(tag + "_n_hvp", 0)),
+                               "r_med_seconds": time.perf_counter() - t0}
         if self.save_diagonal:
-            out["hessian_diagonal"] = torch.cat([h for h in diag.values()]).cpu().numpy()
+            out["hessian_diagonal"] = torch.cat([h.reshape(-1) for h in diag.values()]).double().cpu().numpy()
         return out
 
 
