@@ -8,8 +8,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from optiscope.lab.init_check import (InitCheckConfig, InitCheckResult, half_mse, init_check, measure_at_init,
-                                      model_factory, teacher_batch)
+from optiscope.lab.init_check import (
+    InitCheckConfig,
+    InitCheckResult,
+    half_mse,
+    init_check,
+    measure_at_init,
+    model_factory,
+    teacher_batch,
+)
 
 
 def _tiny_mlp(depth=3, width=3, seed=0, init="he_uniform", activation="relu"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -73,8 +72,8 @@ def register(app: typer.Typer) -> None:
                                   "neural_chain); width/channels in the spec is the default width"),
         depths: str = typer.Option("2,4,8,16,32", "--depths", help="'2,4,8', '2,4,...,64' (arithmetic), "
                                    "'2,4,8,...,64' (geometric) or '2:64:2'"),
-        widths: Optional[str] = typer.Option(None, "--widths", help="comma list; default: the spec's width"),
-        init: Optional[str] = typer.Option(None, "--init", help="lecun|xavier|he _ uniform|normal, or torch"),
+        widths: str | None = typer.Option(None, "--widths", help="comma list; default: the spec's width"),
+        init: str | None = typer.Option(None, "--init", help="lecun|xavier|he _ uniform|normal, or torch"),
         seeds: int = typer.Option(20, "--seeds", help="number of random initializations per (depth, width)"),
         seed: int = typer.Option(0, "--seed", help="first seed"),
         hessian: str = typer.Option("full", "--hessian", help="none | blocks | full (adds extreme eigenvalues)"),
@@ -83,8 +82,8 @@ def register(app: typer.Typer) -> None:
         exact_max_dim: int = typer.Option(1500, "--exact-max-dim", help="dense Hessian up to this many params"),
         threshold: float = typer.Option(1e-3, "--threshold", help="report the depth where the median gradient "
                                         "norm falls below threshold x its value at the reference depth"),
-        reference_depth: Optional[int] = typer.Option(None, "--reference-depth", help="default: smallest depth"),
-        out: Optional[Path] = typer.Option(None, "--out", help="directory for records, summary and figures"),
+        reference_depth: int | None = typer.Option(None, "--reference-depth", help="default: smallest depth"),
+        out: Path | None = typer.Option(None, "--out", help="directory for records, summary and figures"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     ) -> None:
         """Gradient / Hessian statistics at init vs depth and width; flags vanishing (seed 002)."""

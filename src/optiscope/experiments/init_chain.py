@@ -19,8 +19,14 @@ import torch
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.init_check import limit_threads
 from optiscope.lab.store import RunStore
-from optiscope.theory.init import (chain_abs_moment, chain_medians, chain_product_median,
-                                   chain_product_median_approx, moment_stabilizing_scale, moment_trade_off)
+from optiscope.theory.init import (
+    chain_abs_moment,
+    chain_medians,
+    chain_product_median,
+    chain_product_median_approx,
+    moment_stabilizing_scale,
+    moment_trade_off,
+)
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
 from optiscope.utils.progress import track
@@ -182,7 +188,7 @@ def _run(config: ChainConfig, store: RunStore) -> Result:
                         holds=bool(max_err <= config.tolerance)))
     dist0 = config.dists[0]
     med_last = metrics[f"{dist0}_median_forward_at_max_depth"]
-    claims.append(Claim("vanish", f"at the variance-preserving init (E f^2 = 1) the median |f| vanishes in depth",
+    claims.append(Claim("vanish", "at the variance-preserving init (E f^2 = 1) the median |f| vanishes in depth",
                         paper="all quantities vanish under the 'optimal' init",
                         measured=f"median |f| at depth {config.max_depth} ({dist0}) = {med_last:.3g}",
                         holds=bool(med_last < 1e-3 * abs(config.x))))

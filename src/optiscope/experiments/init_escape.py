@@ -32,7 +32,11 @@ from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.init_check import limit_threads
 from optiscope.lab.store import RunStore
 from optiscope.optim import SGD, RMSProp
-from optiscope.theory.init import chain_gf_escape_time, chain_gf_escape_time_lower_bound, chain_rmsprop_escape_time_bound
+from optiscope.theory.init import (
+    chain_gf_escape_time,
+    chain_gf_escape_time_lower_bound,
+    chain_rmsprop_escape_time_bound,
+)
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
 from optiscope.utils.progress import progress_task

@@ -28,8 +28,15 @@ import torch
 
 from optiscope.curvature import Hessian
 from optiscope.experiments.base import Claim, Result, register
-from optiscope.lab.init_check import (InitCheckConfig, InitCheckResult, half_mse, init_check, limit_threads,
-                                      model_factory, teacher_batch)
+from optiscope.lab.init_check import (
+    InitCheckConfig,
+    InitCheckResult,
+    half_mse,
+    init_check,
+    limit_threads,
+    model_factory,
+    teacher_batch,
+)
 from optiscope.lab.store import RunStore
 from optiscope.theory.init import init_variance as theory_variance
 from optiscope.theory.init import layer_gain, lognormal_median, normalized_second_moment_growth
@@ -246,7 +253,7 @@ def _run(config: MLPInitConfig, store: RunStore) -> Result:
                                  f" from depth 2 to {max(config.grad_depths)}",
                         holds=bool(he_v["log10_slope_per_layer"] < 0 and he_v["p_value"] < 0.05)))
     lec = vdepth["relu/lecun_uniform"]
-    claims.append(Claim("lecun_vanishing_depth", f"LeCun init (ReLU) loses 3 orders of gradient magnitude by the depth "
+    claims.append(Claim("lecun_vanishing_depth", "LeCun init (ReLU) loses 3 orders of gradient magnitude by the depth "
                         "Thm. 10 predicts (gain 1/2 per layer)",
                         paper="gradients vanish as (c m sigma^2)^{L/2} for LeCun init",
                         measured=f"measured depth {lec['measured_depth']}, predicted {lec['predicted_expectation']:.1f}",

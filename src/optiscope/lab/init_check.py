@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -390,5 +391,15 @@ def init_check(factory: Callable[[int, int, int], nn.Module], config: InitCheckC
     return InitCheckResult(df, config, label)
 
 
-__all__ = ["limit_threads", "model_factory", "InitCheckConfig", "InitCheckResult", "InitMeasurement", "init_check", "measure_at_init",
-           "teacher_batch", "half_mse", "QUANTITIES"]
+__all__ = [
+    "QUANTITIES",
+    "InitCheckConfig",
+    "InitCheckResult",
+    "InitMeasurement",
+    "half_mse",
+    "init_check",
+    "limit_threads",
+    "measure_at_init",
+    "model_factory",
+    "teacher_batch",
+]

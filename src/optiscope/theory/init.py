@@ -24,8 +24,9 @@ is ``l = (1/2)(y - f)^2``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 from scipy import integrate, optimize, special, stats
@@ -37,14 +38,32 @@ Scheme = Literal["lecun", "xavier", "he", "torch_default"]
 _EULER_GAMMA = 0.5772156649015329
 
 __all__ = [
-    "weight_abs_moment", "chain_abs_moment", "moment_stabilizing_scale", "moment_trade_off",
-    "log_abs_weight_mean_var", "chain_log_product_cdf", "chain_product_median", "chain_product_median_approx",
-    "chain_medians", "ChainMedians",
-    "chain_gf_upper_bound", "chain_gf_blowup_time", "chain_escape_target", "chain_gf_escape_time_lower_bound",
-    "chain_gf_escape_time", "chain_rmsprop_escape_time_bound",
-    "init_variance", "uniform_bound", "weight_fourth_moment", "layer_gain", "mlp_norm_moments",
-    "normalized_second_moment_growth", "mallows_median_lower_bound", "lognormal_median",
-    "min_width_for_median", "hessian_block_scaling",
+    "ChainMedians",
+    "chain_abs_moment",
+    "chain_escape_target",
+    "chain_gf_blowup_time",
+    "chain_gf_escape_time",
+    "chain_gf_escape_time_lower_bound",
+    "chain_gf_upper_bound",
+    "chain_log_product_cdf",
+    "chain_medians",
+    "chain_product_median",
+    "chain_product_median_approx",
+    "chain_rmsprop_escape_time_bound",
+    "hessian_block_scaling",
+    "init_variance",
+    "layer_gain",
+    "log_abs_weight_mean_var",
+    "lognormal_median",
+    "mallows_median_lower_bound",
+    "min_width_for_median",
+    "mlp_norm_moments",
+    "moment_stabilizing_scale",
+    "moment_trade_off",
+    "normalized_second_moment_growth",
+    "uniform_bound",
+    "weight_abs_moment",
+    "weight_fourth_moment",
 ]
 
 
