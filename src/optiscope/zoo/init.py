@@ -45,18 +45,14 @@ def fans(weight: torch.Tensor) -> tuple[int, int]:
 
 def init_variance(scheme: str, fan_in: int, fan_out: int) -> float:
     """The weight variance sigma^2 of an init scheme (seed 002 §2): lecun 1/fan_in, xavier 2/(fan_in+fan_out),
-    he 2/fan_in, torch 1/(3 fan_in)."""
+    he 2/fan_in, torch 1/(3 fan_in). The formula lives in :func:`optiscope.theory.init.init_variance`."""
+    from optiscope.theory.init import init_variance as variance
+
     if fan_in <= 0 or fan_out <= 0:
         raise ValueError(f"fan_in={fan_in} and fan_out={fan_out} must be positive")
-    if scheme == "lecun":
-        return 1.0 / fan_in
-    if scheme == "xavier":
-        return 2.0 / (fan_in + fan_out)
-    if scheme == "he":
-        return 2.0 / fan_in
-    if scheme == "torch":
-        return 1.0 / (3.0 * fan_in)
-    raise ValueError(f"unknown init scheme {scheme!r}; valid: {', '.join(SCHEMES + ('torch',))}")
+    if scheme not in SCHEMES + ("torch",):
+        raise ValueError(f"unknown init scheme {scheme!r}; valid: {', '.join(SCHEMES + ('torch',))}")
+    return variance("torch_default" if scheme == "torch" else scheme, fan_in, fan_out)
 
 
 @torch.no_grad()
