@@ -154,15 +154,18 @@ class Hessian:
         Vectors per ``vmap`` call in :meth:`hvp_batch`; default derived from ``memory_budget_mb``.
     memory_budget_mb : float
         Memory allowed for one batched HVP call (used when ``chunk_size`` is None).
-    batch_mode : ``"forward-over-reverse"`` (default) or ``"reverse-over-reverse"``
-        AD mode of :meth:`hvp_batch`. Under ``vmap`` reverse-over-reverse builds the gradient graph once per chunk and
-        batches only the second backward pass, which is faster on some models (see ``docs/benchmarks.md``); both are
-        exact. If forward mode is unavailable, reverse-over-reverse is used regardless.
+    batch_mode : ``"double-backward"`` (default), ``"forward-over-reverse"`` or ``"reverse-over-reverse"``
+        AD mode of :meth:`hvp_batch`. ``"double-backward"`` builds the gradient graph once per :meth:`hvp_batch`
+        call (``create_graph=True``) and runs only the second backward pass per chunk of vectors, batched with
+        ``is_grads_batched`` (vmap over the backward pass), or one vector at a time where an op has no batching
+        rule; it falls back to the torch.func modes if the loss is not twice differentiable by autograd. The two
+        torch.func modes rebuild the graph inside ``vmap`` for every chunk (forward-over-reverse: ``jvp`` of
+        ``grad``; reverse-over-reverse: ``vjp`` of ``grad``). All are exact; ``docs/benchmarks.md`` compares them.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Any,
                  params: Iterable[str] | None = None, chunk_size: int | None = None,
-                 memory_budget_mb: float = 512.0, batch_mode: str = "forward-over-reverse", *,
+                 memory_budget_mb: float = 512.0, batch_mode: str = "double-backward", *,
                  _problem: LossFunction | None = None):
         problem = _problem if _problem is not None else LossFunction.from_model(model, loss_fn, data, params)
         self._init(problem, chunk_size, memory_budget_mb, batch_mode)
@@ -171,7 +174,7 @@ class Hessian:
     @classmethod
     def from_function(cls, f: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor],
                       chunk_size: int | None = None, memory_budget_mb: float = 512.0,
-                      batch_mode: str = "forward-over-reverse") -> "Hessian":
+                      batch_mode: str = "double-backward") -> "Hessian":
         """Hessian of an arbitrary scalar function ``f(params_dict) -> Tensor`` at ``params`` (a dict of tensors)."""
         problem = LossFunction.from_function(f, params)
         return cls(None, None, None, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb,
@@ -179,8 +182,8 @@ class Hessian:
 
     def _init(self, problem: LossFunction, chunk_size: int | None, memory_budget_mb: float,
               batch_mode: str) -> None:
-        if batch_mode not in ("forward-over-reverse", "reverse-over-reverse"):
-            raise ValueError(f"batch_mode must be 'forward-over-reverse' or 'reverse-over-reverse', got {batch_mode!r}")
+        if batch_mode not in BATCH_MODES:
+            raise ValueError(f"batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
         self.batch_mode = batch_mode
         if chunk_size is not None:
             _check_int("chunk_size", chunk_size, 1)
@@ -202,6 +205,8 @@ class Hessian:
         self.n_hvp = 0
         self.hvp_mode: str | None = None  # "forward-over-reverse" | "reverse-over-reverse"
         self._vmap_ok = True
+        self._graph_ok = batch_mode == "double-backward"
+        self._graph_batched_ok = True
         self._memory_budget = float(memory_budget_mb) * 2 ** 20
         self._chunk_size = chunk_size
         self._loss_value = problem.value()  # validates: scalar and finite
@@ -327,8 +332,15 @@ class Hessian:
         self.fallback_reason = str(first).splitlines()[0] if str(first) else type(first).__name__
 
     def hvp(self, v: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``H v`` for a parameter dict ``v`` (one HVP)."""
+        """``H v`` for a parameter dict ``v`` (one HVP). Default: the second backward pass through one gradient graph
+        (autograd double backward, ``batch_mode="double-backward"``); where autograd cannot differentiate the loss
+        twice, forward-over-reverse via torch.func, falling back to reverse-over-reverse (``hvp_mode``)."""
         v = self._check_vector(v, batched=False)
+        if self._graph_ok:
+            parts = self._hvp_double_backward({n: t[None] for n, t in v.items()}, 1, 1)
+            if parts is not None:
+                self.n_hvp += 1
+                return {n: parts[0][n][0] for n in self.param_names}
         self._resolve_mode()
         with self._problem.context():
             out = self._hvp_all(v, self.hvp_mode, batched=False)
@@ -342,14 +354,65 @@ class Hessian:
         if B == 0:
             return {n: torch.empty(0, *self.shapes[n], dtype=self.dtype, device=self.device)
                     for n in self.param_names}
-        self._resolve_mode()
         c = self.chunk_size
-        parts = []
-        with self._problem.context():
-            for s in range(0, B, c):
-                parts.append(self._hvp_chunk({n: t[s:s + c] for n, t in V.items()}))
+        parts = None
+        if self._graph_ok:
+            parts = self._hvp_double_backward(V, B, c)
+        if parts is None:
+            self._resolve_mode()
+            parts = []
+            with self._problem.context():
+                for s in range(0, B, c):
+                    parts.append(self._hvp_chunk({n: t[s:s + c] for n, t in V.items()}))
         self.n_hvp += B
         return {n: torch.cat([p[n] for p in parts]) for n in self.param_names}
+
+    def _hvp_double_backward(self, V: dict[str, Tensor], B: int, c: int) -> list[dict[str, Tensor]] | None:
+        """``H v`` for all vectors of ``V`` from one gradient graph: ``g = dL/dtheta`` with ``create_graph=True``
+        once, then ``H v = d<g, v>/dtheta`` per chunk (``is_grads_batched``), or per vector where batching fails.
+        Returns None (and disables this path) if autograd cannot differentiate the loss twice."""
+        names = self.param_names
+        try:
+            with self._problem.context():
+                leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+                loss = sum(w * self._problem.check_term(i, term(leaves))
+                           for i, (w, term) in enumerate(self._problem.terms))
+                grads = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=True, allow_unused=True)
+                if any(g is not None and not g.requires_grad for g in grads):
+                    # the gradient graph is cut (an op whose backward is not differentiable by autograd, or a loss
+                    # with a constant gradient): let the torch.func modes decide, never return silent zeros
+                    raise RuntimeError("the gradient does not require grad: autograd cannot differentiate it again")
+                if any(g is None for g in grads):  # parameters the loss does not use: their rows of H are zero
+                    grads = [g if g is not None else torch.zeros_like(leaves[n]).requires_grad_(True)
+                             for g, n in zip(grads, names)]
+                inputs = [leaves[n] for n in names]
+                parts = []
+                for s in range(0, B, c):
+                    chunk = [V[n][s:s + c] for n in names]
+                    parts.append(self._second_backward(grads, inputs, chunk))
+            return parts
+        except (RuntimeError, NotImplementedError) as e:
+            self._graph_ok = False
+            self.graph_fallback_reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return None
+
+    def _second_backward(self, grads: list[Tensor], inputs: list[Tensor], chunk: list[Tensor]) -> dict[str, Tensor]:
+        names = self.param_names
+        b = chunk[0].shape[0]
+        if self._graph_batched_ok and b > 1:
+            try:
+                hv = torch.autograd.grad(grads, inputs, grad_outputs=chunk, retain_graph=True,
+                                         is_grads_batched=True, allow_unused=True, materialize_grads=True)
+                return {n: h.detach() for n, h in zip(names, hv)}
+            except (RuntimeError, NotImplementedError) as e:
+                self._graph_batched_ok = False
+                self.vmap_fallback_reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        cols = []
+        for k in range(b):
+            hv = torch.autograd.grad(grads, inputs, grad_outputs=[t[k] for t in chunk], retain_graph=True,
+                                     allow_unused=True, materialize_grads=True)
+            cols.append([h.detach() for h in hv])
+        return {n: torch.stack([col[j] for col in cols]) for j, n in enumerate(names)}
 
     def _hvp_chunk(self, V: dict[str, Tensor]) -> dict[str, Tensor]:
         mode = "reverse-over-reverse" if self.batch_mode == "reverse-over-reverse" else self.hvp_mode
@@ -704,6 +767,9 @@ class Hessian:
     def __repr__(self) -> str:
         return (f"Hessian(numel={self.numel}, params={len(self.param_names)}, dtype={self.dtype}, "
                 f"hvp_mode={self.hvp_mode}, n_hvp={self.n_hvp})")
+
+
+BATCH_MODES = ("double-backward", "forward-over-reverse", "reverse-over-reverse")
 
 
 def first_element_size(params: Mapping[str, Tensor]) -> int:
