@@ -44,7 +44,8 @@ def rmed_probe(params: Sequence[str] | str = "weights", per_layer: int = 200, de
     without normalisation layers, App. A.1), so that biases and LayerNorm gains cost no Hessian-vector products."""
     from optiscope.lab.probes import RMedProbe
 
-    return RMedProbe(per_layer=per_layer, delta=delta, save_diagonal=save_diagonal, params=params)
+    return RMedProbe(per_layer=per_layer, delta=delta, save_diagonal=save_diagonal, params=params,
+                     record_seconds=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -299,7 +299,9 @@ class RMedProbe(Probe):
     """``r_med``: per layer, ``R_med = max_i h_i / (median_i h_i + delta)`` over ``per_layer`` sampled exact
     Hessian diagonal entries ``h_i = e_i^T H e_i`` (seed 000 §3.2, Eq. 1; spec §2f). The coordinates are sampled once
     per run (seed from the run) and reused at every checkpoint. Also records ``r_med_nonpositive`` (count of
-    h_i <= 0), the HVPs spent (``r_med_n_hvp``) and the seconds (``r_med_seconds``).
+    h_i <= 0), the HVPs spent (``r_med_n_hvp``) and, with ``record_seconds=True``, the wall time
+    (``r_med_seconds``; off by default since a timing would make a resumed run's metrics differ from an
+    uninterrupted one).
 
     ``params`` restricts the measurement (and its cost) to some parameter tensors: ``None`` (all trainable ones),
     ``"weights"`` (tensors with >= 2 dimensions: weight matrices, embeddings, conv kernels; seed 000 reports R_med of
@@ -311,7 +313,7 @@ class RMedProbe(Probe):
     name = "r_med"
 
     def __init__(self, per_layer: int = 200, delta: float = 0.0, save_diagonal: bool = False,
-                 params: str | Sequence[str] | None = None):
+                 params: str | Sequence[str] | None = None, record_seconds: bool = False):
         if int(per_layer) < 1:
             raise ValueError(f"r_med probe: per_layer={per_layer!r} must be >= 1")
         if not delta >= 0:
@@ -320,6 +322,7 @@ class RMedProbe(Probe):
             raise ValueError(f"r_med probe: params={params!r}; allowed: None, 'weights' or a list of parameter names")
         self.per_layer, self.delta, self.save_diagonal = int(per_layer), float(delta), bool(save_diagonal)
         self.params = params if params is None or isinstance(params, str) else list(params)
+        self.record_seconds = bool(record_seconds)
         self._step0: dict[str, dict[str, Any]] = {}
 
     def _names(self, problem, state) -> list[str] | None:
@@ -366,8 +369,9 @@ class RMedProbe(Probe):
             nonpos[lname] = float(res.n_nonpositive)
         tag = f"diag_{self.per_layer}" if names is None else f"diag_{self.per_layer}_{','.join(names)}"
         out: dict[str, Any] = {"r_med": vals, "r_med_nonpositive": nonpos,
-                               "r_med_n_hvp": float(state.scratch.get(tag + "_n_hvp", 0)),
-                               "r_med_seconds": time.perf_counter() - t0}
+                               "r_med_n_hvp": float(state.scratch.get(tag + "_n_hvp", 0))}
+        if self.record_seconds:
+            out["r_med_seconds"] = time.perf_counter() - t0
         if self.save_diagonal:
             out["hessian_diagonal"] = torch.cat([h.reshape(-1) for h in diag.values()]).double().cpu().numpy()
         return out
