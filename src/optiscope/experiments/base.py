@@ -23,7 +23,6 @@ A claim that does not reproduce is reported with ``holds=False``, never tuned aw
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 import time

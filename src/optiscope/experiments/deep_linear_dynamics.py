@@ -60,7 +60,7 @@ class DeepLinearDynamicsConfig(Config):
         for name in ("rows", "cols", "hidden", "n_samples", "dim", "max_steps", "log_every"):
             v = getattr(self, name)
             require(v >= 1, name, v, ">= 1")
-        require(self.hidden >= min(self.rows, self.cols), "hidden", self.hidden, f">= min(rows, cols)")
+        require(self.hidden >= min(self.rows, self.cols), "hidden", self.hidden, ">= min(rows, cols)")
         require(self.rows * self.cols <= 400, "rows", self.rows, "rows * cols <= 400 (dense P_W)")
         require(len(self.step_sizes) >= 2 and all(s > 0 for s in self.step_sizes), "step_sizes", self.step_sizes,
                 "at least two, each > 0")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.scale_invariance import scale_invariance_report
 from optiscope.lab.store import RunStore
 from optiscope.optim import SGD, ExpLR
-from optiscope.theory.explr import equivalent_schedule, explr_alpha, step_decay_lrs
+from optiscope.theory.explr import explr_alpha, step_decay_lrs
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
 from optiscope.utils.progress import progress_task
