@@ -319,7 +319,7 @@ class LMConfig(Config):
     steps: int = 300
     batch_size: int = 256
     momentum: float = 0.9
-    sgdm_lrs: tuple[float, ...] = (0.1, 0.3, 1.0)
+    sgdm_lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)  # lr/(1-momentum) spans plain SGD's 0.1..10
     tune_steps: int = 60
     adam_lr: float = 3e-3
     beta1: float = 0.9
