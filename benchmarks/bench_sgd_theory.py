@@ -7,6 +7,7 @@ NTK). The baseline of the speed-up is measured in the same process (sampled runs
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section
 
-from optiscope.theory.sgd import Spectrum, se_loss_curve, stability_map
+from optiscope.theory.sgd import TORCH_THREADS, Spectrum, se_loss_curve, stability_map
 from optiscope.theory.sgd_sim import simulate_sampled_sgd
 
 
@@ -56,8 +57,10 @@ def main() -> None:
     md += [f"| {w} | {t[1]:.3f} | {t[0]:.3f} | {tg} |" for w, t, tg in rows]
     md += ["", (f"Speed-up of the SE prediction over averaging 100 sampled runs (digits NTK, b=10): "
                 f"**{t_sim[1] / t_se[1]:.0f}x** (CPU time; {t_sim[0] / t_se[0]:.0f}x wall)."), "",
-           ("Measured on a 2-core machine shared with other jobs (load average well above 2 during the run), so "
-            "wall times are inflated and the CPU time is the comparable number (one run each); the recursion runs single-threaded (`OPTISCOPE_THEORY_THREADS=1`, default).")]
+           (f"Load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; the recursion ran with "
+            f"{TORCH_THREADS} torch thread(s) (`OPTISCOPE_THEORY_THREADS`; default 1, the better choice on a machine "
+            "shared with other jobs; on an idle machine 2 threads halve the wall time). Targets are wall seconds; "
+            "one run each.")]
     path = write_section("sgd_theory", "\n".join(md))
     print("\n".join(md))
     print(f"written to {path}")
