@@ -31,6 +31,7 @@ adam_correction    registered lazily from ``optiscope.lab.adam_correction_probe`
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import importlib
@@ -199,13 +200,14 @@ def _mean_loss_and_acc(problem, model, X, y, chunk: int = 4096, want_acc: bool =
 # ----------------------------------------------------------------------------------------------------------------
 # built-in probes
 # ----------------------------------------------------------------------------------------------------------------
-class Probe:
-    """Base class: ``name`` and ``__call__(problem, state) -> dict``."""
+class Probe(abc.ABC):
+    """Base class: ``name`` and ``__call__(problem, state) -> dict`` (subclasses implement the measurement)."""
 
     name = "probe"
 
-    def __call__(self, problem, state: ProbeState) -> dict:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, problem, state: ProbeState) -> dict:
+        """The measurement: metric name -> float, or -> {layer: float}, or an array."""
 
     def __repr__(self) -> str:
         kw = ",".join(f"{k}={v}" for k, v in vars(self).items())

@@ -6,7 +6,7 @@ Layout::
     manifest.json      versions, seed, git hash, status (running / finished / diverged at step t / failed), timings
     metrics.parquet    tidy long form: run, optimizer, step, metric, layer, value
     arrays/NAME.npz    arrays
-    checkpoints/       step_XXXXXXXX.pt (model + optimizer + RNG state), written by the lab at probe steps
+    checkpoints/       <run>_step_00000100.pt (model + optimizer + RNG state), written by the lab at probe steps
     figures/NAME.png
     report.md          written by the report layer
     results.json       headline numbers and verdicts (experiments)
