@@ -97,21 +97,16 @@ def run(cfg: AdamFlowOrderConfig, store: RunStore) -> Result:
             rows, s1, s2 = _order_study(f, p0, hs, horizon, betas, eps, cfg.substeps, task)
             metrics[name] = {"rows": rows, "slope_first": s1, "slope_second": s2, "betas": list(betas), "eps": eps,
                              "horizon": horizon}
-    b = metrics["bilinear"]
-    claims.append(Claim("bilinear_first_order_slope", "first-order flow error is O(h) (bilinear)",
-                        paper="slope 1.0 +- 0.15", measured=round(b["slope_first"], 3),
-                        holds=bool(abs(b["slope_first"] - 1.0) <= 0.15)))
-    claims.append(Claim("bilinear_second_order_slope", "second-order modified flow error is O(h^2) (bilinear)",
-                        paper="slope 2.0 +- 0.2", measured=round(b["slope_second"], 3),
-                        holds=bool(abs(b["slope_second"] - 2.0) <= 0.2)))
-    if "digits_mlp" in metrics:
-        m = metrics["digits_mlp"]
-        claims.append(Claim("mlp_first_order_slope", "first-order flow error is O(h) (MLP on digits)",
-                            paper="slope 1", measured=round(m["slope_first"], 3),
-                            holds=bool(abs(m["slope_first"] - 1.0) <= 0.15)))
-        claims.append(Claim("mlp_second_order_slope", "second-order flow error is O(h^2) (MLP on digits)",
-                            paper="slope 2", measured=round(m["slope_second"], 3),
-                            holds=bool(abs(m["slope_second"] - 2.0) <= 0.2)))
+    for key, prefix, label, papers in (("bilinear", "bilinear", "bilinear", ("slope 1.0 +- 0.15", "slope 2.0 +- 0.2")),
+                                       ("digits_mlp", "mlp", "MLP on digits", ("slope 1", "slope 2"))):
+        if key not in metrics:
+            continue
+        m = metrics[key]
+        for order, target, tol, what, paper in ((1, 1.0, 0.15, "first-order flow error is O(h)", papers[0]),
+                                                (2, 2.0, 0.2, "second-order modified flow error is O(h^2)", papers[1])):
+            slope = m["slope_first" if order == 1 else "slope_second"]
+            claims.append(Claim(f"{prefix}_{'first' if order == 1 else 'second'}_order_slope", f"{what} ({label})",
+                                paper=paper, measured=round(slope, 3), holds=bool(abs(slope - target) <= tol)))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
     for ax, (name, m) in zip(np.atleast_1d(axes), metrics.items()):
         hs = [r["h"] for r in m["rows"]]
