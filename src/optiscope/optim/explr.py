@@ -12,7 +12,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from optiscope.theory.explr import equivalent_schedule, explr_alpha, step_decay_lrs
+from optiscope.theory.explr import (equivalent_schedule, explr_alpha, exponential_lr, initial_momentum_buffer,
+                                    step_decay_lrs)
 
 
 class ExpLR(torch.optim.lr_scheduler.LRScheduler):
@@ -47,6 +48,7 @@ class ExpLR(torch.optim.lr_scheduler.LRScheduler):
         self._schedules: list[np.ndarray | None] = []
         self._scales: list[np.ndarray | None] = []
         self._alphas: list[float] = []
+        self._momenta: list[float] = []
         for i, group in enumerate(optimizer.param_groups):
             if "momentum" not in group or "betas" in group:
                 raise ValueError(f"ExpLR needs a momentum-SGD optimizer (param group {i} has no 'momentum' or is "
@@ -59,10 +61,11 @@ class ExpLR(torch.optim.lr_scheduler.LRScheduler):
             base = float(group.get("initial_lr", group["lr"]))
             mom = float(group["momentum"])
             self._alphas.append(explr_alpha(base, self.weight_decay, mom))
+            self._momenta.append(mom)
             if multipliers is None:
                 self._schedules.append(None)
                 self._scales.append(None)
-                factor = -(1.0 - self._alphas[-1]) / (base * self._alphas[-1]) if mom > 0 else 0.0
+                factor = initial_momentum_buffer(1.0, base, self.weight_decay, mom) if mom > 0 else 0.0
                 if start == "zero_buffer":
                     raise ValueError("start='zero_buffer' needs an explicit schedule (multipliers); the closed-form "
                                      "constant schedule uses the exponential start")
@@ -90,7 +93,7 @@ class ExpLR(torch.optim.lr_scheduler.LRScheduler):
     def _lr_at(self, i: int, base: float, t: int) -> float:
         sched = self._schedules[i]
         if sched is None:
-            return base * float(np.exp(-(2.0 * t + 1.0) * np.log(self._alphas[i])))
+            return exponential_lr(base, self.weight_decay, self._momenta[i], t)
         if t >= len(sched):
             raise ValueError(f"ExpLR schedule has {len(sched)} steps; step {t} is past its end")
         return float(sched[t])

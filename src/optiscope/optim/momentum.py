@@ -89,9 +89,11 @@ class HeavyBall(ExactOptimizer):
 
     @property
     def effective_lr(self) -> float:
-        """``alpha / (1 - beta)`` of the first parameter group (seed 004 §2)."""
+        """``alpha / (1 - beta)`` of the first parameter group (seed 004 §2; :func:`theory.sgd.effective_learning_rate`)."""
+        from optiscope.theory.sgd import effective_learning_rate
+
         g = self.param_groups[0]
-        return g["lr"] / (1.0 - g["momentum"])
+        return effective_learning_rate(g["lr"], g["momentum"])
 
     @torch.no_grad()
     def step(self, closure=None):
