@@ -4,6 +4,7 @@
 ``docs/architecture.md`` ("curvature") for the API contract.
 """
 
+from optiscope.curvature._problem import NonFiniteLossError
 from optiscope.curvature.hessian import (
     BlockNormResult,
     DensityResult,
@@ -17,5 +18,5 @@ from optiscope.curvature.hessian import (
 
 __all__ = [
     "Hessian", "DiagonalResult", "DiagonalBlockResult", "DiagonalEstimate", "EigenResult", "TraceResult",
-    "DensityResult", "BlockNormResult",
+    "DensityResult", "BlockNormResult", "NonFiniteLossError",
 ]

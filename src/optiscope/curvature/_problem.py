@@ -92,6 +92,10 @@ def _call_inputs(inputs: Any) -> tuple[tuple, dict]:
     return tuple(inputs), {}
 
 
+class NonFiniteLossError(ValueError):
+    """The loss is NaN or infinite at the given parameters (a ValueError; training code treats it as divergence)."""
+
+
 class LossFunction:
     """``L(theta) = sum_b w_b L_b(theta)`` over named parameters, evaluated purely (see module docstring).
 
@@ -198,7 +202,7 @@ class LossFunction:
             for i, (w, term) in enumerate(self.terms):
                 v = float(self.check_term(i, term(self.params)))
                 if not math.isfinite(v):
-                    raise ValueError(f"the loss is not finite ({v}) at the given parameters (batch {i})")
+                    raise NonFiniteLossError(f"the loss is not finite ({v}) at the given parameters (batch {i})")
                 total += w * v
         return total
 

@@ -148,32 +148,27 @@ class _Oracle:
         self.space = space
         self.n_grad = 0
         self.n_hvp = 0
-        self._hvp_mode: str | None = None
 
     def _hessian(self, theta: Tensor):
         from optiscope.curvature import Hessian
 
-        hess = Hessian.from_function(self.f, self.space.unflatten(theta))
-        if self._hvp_mode is not None:  # the AD mode resolved at the first point holds for the same function
-            hess.hvp_mode = self._hvp_mode
-        return hess
+        return Hessian.from_function(self.f, self.space.unflatten(theta))
 
     def gradient(self, theta: Tensor) -> tuple[Tensor, object]:
         if not torch.all(torch.isfinite(theta)):
             raise _Diverged()
+        from optiscope.curvature import NonFiniteLossError
+
         try:
             hess = self._hessian(theta)
-        except ValueError as e:  # the curvature layer refuses a non-finite loss: an outcome of the dynamics
-            if "not finite" in str(e):
-                raise _Diverged() from e
-            raise
+        except NonFiniteLossError as e:  # the curvature layer refuses a non-finite loss: an outcome of the dynamics
+            raise _Diverged() from e
         g = hess.gradient()
         self.n_grad += 1
         return self.space.flatten(g), hess
 
     def hvp(self, hess, v: Tensor) -> Tensor:
         out = self.space.flatten(hess.hvp(self.space.unflatten(v)))
-        self._hvp_mode = getattr(hess, "hvp_mode", None)
         self.n_hvp += 1
         if not torch.all(torch.isfinite(out)):
             raise NotTwiceDifferentiableError(
