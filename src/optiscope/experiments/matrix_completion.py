@@ -32,6 +32,7 @@ from optiscope.theory.deep_linear import preconditioner_eigenvalues
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
 from optiscope.utils.progress import progress_task
+from optiscope.utils.threads import limit_threads
 
 OPTIMIZER_NAMES = ("gd", "adam", "global_rmsprop")
 
@@ -258,13 +259,9 @@ def train_batch(factors: list[torch.Tensor], W_star: torch.Tensor, masks: torch.
     converged = [False] * B
     diverged: list[int | None] = [None] * B
     history: list[tuple[int, list[float], list[float]]] = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # n x n matmuls (n ~ 100): one thread is faster than several; restored below
-    try:
+    with limit_threads(1):  # n x n matmuls (n ~ 100): one thread is faster than several
         _train_loop(params, opt, rms_state if opt is None else None, target, m, n_obs, W_star, config, description,
                     done, snap, steps, converged, diverged, history)
-    finally:
-        torch.set_num_threads(threads)
     for b in range(B):
         if diverged[b] is not None:
             snap[b] = float("nan")

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +39,7 @@ from torch import nn
 from optiscope.curvature import Hessian
 from optiscope.utils.config import Config, require
 from optiscope.utils.progress import progress_task
+from optiscope.utils.threads import limit_threads as _limit_threads
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 QUANTITIES = ("loss", "output_norm", "grad_norm", "hess_diag_norm", "hess_offdiag_norm", "hess_gershgorin",
@@ -87,20 +87,12 @@ class InitCheckConfig(Config):
         require(self.threads >= 1, "threads", self.threads, ">= 1")
 
 
-@contextmanager
-def limit_threads(n: int = 1) -> Iterator[None]:
-    """Run with ``n`` torch and BLAS threads, then restore. Init checks evaluate many small models and matrices, for
-    which extra threads only add synchronisation; on a shared machine oversubscription made a 400 x 400 ``eigvalsh``
-    100x slower with 2 threads than with 1 (see docs/results/init.md)."""
-    from threadpoolctl import threadpool_limits
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        with threadpool_limits(limits=n):
-            yield
-    finally:
-        torch.set_num_threads(old)
+def limit_threads(n: int = 1):
+    """Run with ``n`` torch and BLAS threads, then restore (:func:`optiscope.utils.threads.limit_threads`). Init
+    checks evaluate many small models and matrices, for which extra threads only add synchronisation; on a shared
+    machine oversubscription made a 400 x 400 ``eigvalsh`` 100x slower with 2 threads than with 1
+    (see docs/results/init.md)."""
+    return _limit_threads(n, blas=True)
 
 
 def teacher_batch(n: int, width: int, seed: int, out_dim: int = 1, dtype: torch.dtype = torch.float64) -> Batch:

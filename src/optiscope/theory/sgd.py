@@ -23,7 +23,6 @@ uses exact tail sums ``sum_{l>=k} c_l = K k^-kappa``; Prop. 5 uses output-space 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -77,20 +76,11 @@ __all__ = [
 TORCH_THREADS = int(os.environ.get("OPTISCOPE_THEORY_THREADS", "1"))
 
 
-@contextlib.contextmanager
 def torch_threads(n: int | None = None):
-    """Temporarily set torch's intra-op thread count (restored afterwards)."""
-    import torch
+    """Temporarily set torch's intra-op thread count (default :data:`TORCH_THREADS`; restored afterwards)."""
+    from optiscope.utils.threads import limit_threads
 
-    prev = torch.get_num_threads()
-    want = TORCH_THREADS if n is None else int(n)
-    if want >= 1 and want != prev:
-        torch.set_num_threads(want)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != prev:
-            torch.set_num_threads(prev)
+    return limit_threads(TORCH_THREADS if n is None else int(n))
 
 
 class SpectrumError(ValueError):
