@@ -37,6 +37,8 @@ from scipy import stats
 from torch import nn
 
 from optiscope.curvature import Hessian
+from optiscope.lab.probes import pure_forward
+from optiscope.zoo.data import HalfMSELoss
 from optiscope.utils.config import Config, require
 from optiscope.utils.progress import progress_task
 from optiscope.utils.threads import limit_threads as _limit_threads
@@ -108,9 +110,8 @@ def teacher_batch(n: int, width: int, seed: int, out_dim: int = 1, dtype: torch.
     return X.to(dtype), Y.to(dtype)
 
 
-def half_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``(1/2) mean_i ||f(x_i) - y_i||^2`` (the square loss of seed 002 Eq. (1), averaged over samples)."""
-    return 0.5 * (outputs - targets.reshape(outputs.shape)).pow(2).reshape(len(outputs), -1).sum(1).mean()
+#: ``(1/2) mean_i ||f(x_i) - y_i||^2``, the square loss of seed 002 Eq. (1) averaged over samples (the zoo's loss).
+half_mse = HalfMSELoss()
 
 
 WIDTH_KEYS = {"mlp": "width", "deep_linear": "width", "fcn": "channels"}
@@ -177,7 +178,7 @@ def measure_at_init(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Ten
         raise ValueError(f"hessian = {hessian!r}; use one of {HESSIAN_MODES}")
     X, y = batch
     with torch.no_grad():
-        out = torch.func.functional_call(model, dict(model.named_parameters()) | dict(model.named_buffers()), (X,))
+        out = pure_forward(model, X)  # BatchNorm running statistics and the RNG stay untouched
     values = {"output_norm": float(out.pow(2).reshape(len(out), -1).sum(1).mean().sqrt())}
     H = Hessian(model, loss_fn, (X, y), params=list(params) if params is not None else None)
     values["loss"] = float(H.loss())
