@@ -40,16 +40,6 @@ FULL = SwitchConfig(seq_len=64, n_train=20000, probe_size=512, d_model=128, n_la
                     n_checkpoints=12)
 
 
-def rmed_gap(metrics: pd.DataFrame, a: str, b: str, layers, step: int) -> float:
-    """Median over ``layers`` of ``R_med^a(step) / R_med^b(step)`` (NaN/inf pairs skipped)."""
-    xa = metrics[(metrics["optimizer"] == a) & (metrics["metric"] == "r_med") & (metrics["step"] == step)]
-    xb = metrics[(metrics["optimizer"] == b) & (metrics["metric"] == "r_med") & (metrics["step"] == step)]
-    xa, xb = xa.groupby("layer")["value"].mean(), xb.groupby("layer")["value"].mean()
-    r = np.array([xa[l] / xb[l] for l in layers if l in xa.index and l in xb.index])
-    r = r[np.isfinite(r)]
-    return float(np.median(r)) if r.size else float("nan")
-
-
 @register("rmed_switch", paper="000", title="Switching from SGD to Adam: loss and R_med gaps close, App. A.4",
           config=SwitchConfig, presets={"quick": QUICK, "full": FULL})
 def run(config: SwitchConfig, store) -> Result:
@@ -88,7 +78,8 @@ def run(config: SwitchConfig, store) -> Result:
         lb = m[(m["optimizer"] == "sgd->adam") & (m["metric"] == "loss") & (m["layer"] == "") & (m["step"] == t)]
         rows.append({"step": t, "loss_adam": float(la["value"].mean()), "loss_switch": float(lb["value"].mean()),
                      "loss_gap": float(lb["value"].mean() - la["value"].mean()),
-                     "r_med_gap": rmed_gap(m, "sgd->adam", "adam", keep, t)})
+                     "r_med_gap": rc.median_ratio(rc.rmed_values(m, "adam", keep, step=t),
+                                                   rc.rmed_values(m, "sgd->adam", keep, step=t))})
     gaps = pd.DataFrame(rows)
     first, last = gaps.iloc[0], gaps.iloc[-1]
     claims = [
