@@ -38,10 +38,10 @@ from optiscope.lab.init_check import (
     teacher_batch,
 )
 from optiscope.lab.store import RunStore
-from optiscope.theory.init import init_variance as theory_variance
 from optiscope.theory.init import layer_gain, lognormal_median, normalized_second_moment_growth
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
+from optiscope.zoo.init import init_variance, parse_init
 
 RELU_INITS = ("lecun_uniform", "lecun_normal", "xavier_uniform", "xavier_normal", "he_uniform", "he_normal")
 LINEAR_INITS = ("xavier_uniform", "torch")
@@ -90,8 +90,7 @@ def predicted_vanishing_depth(scheme: str, activation: str, width: int, threshol
     ``(1 + c/m)^{-L/4}``, giving ``L = L_ref + 4 ln(1/threshold) / ln(1 + c/m)`` (a heuristic for the gradient, which
     multiplies a forward and a backward product).
     """
-    sch = "torch_default" if scheme == "torch" else scheme
-    gain = layer_gain(theory_variance(sch, width, width), width, activation)
+    gain = layer_gain(init_variance(scheme, width, width), width, activation)
     expect = None if gain >= 1 else reference_depth + 2 * math.log(1 / threshold) / math.log(1 / gain)
     c = 2.0 if activation == "linear" else 5.0
     med_per_layer = lognormal_median(1.0, normalized_second_moment_growth(width, 1, activation))  # (1+c/m)^{-1/2}
@@ -147,7 +146,7 @@ def _run(config: MLPInitConfig, store: RunStore) -> Result:
             extrap = None
             if measured is None and van["log10_slope_per_layer"] < 0:
                 extrap = 2 + math.log10(config.threshold) / van["log10_slope_per_layer"]
-            scheme = init.split("_")[0]
+            scheme, _ = parse_init(init)
             pred = predicted_vanishing_depth(scheme, activation, config.width, config.threshold)
             vdepth[key] = {"measured_depth": measured, "extrapolated_depth": extrap,
                            "predicted_expectation": pred["expectation"],
