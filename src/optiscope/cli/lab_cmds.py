@@ -124,7 +124,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Several optimizers from the same init and batch order, with geometry probes at checkpoints."""
         from optiscope.lab.config import CompareConfig, run_compare
-        from optiscope.lab.probes import _split_top
+        from optiscope.lab.probes import split_probe_specs
 
         set_quiet(quiet)
         try:
@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
             if name:
                 fields["names"] = tuple(name)
             if probes is not None:
-                fields["probes"] = tuple(_split_top(probes))
+                fields["probes"] = tuple(split_probe_specs(probes))
             cfg = CompareConfig.from_dict(fields, base=cfg) if cfg is not None else CompareConfig.from_dict(fields)
             cfg = cfg.with_overrides(set_)
             t0 = time.perf_counter()

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from optiscope.utils.spec import SpecError, parse_spec
+from optiscope.utils.spec import SpecError, parse_spec, split_top_level
 
 ProbeFn = Callable[[Any, "ProbeState"], dict]
 
@@ -633,7 +633,7 @@ def make_probes(items: Any) -> list[ProbeFn]:
     if items is None:
         return []
     if isinstance(items, str):
-        items = [s for s in _split_top(items) if s.strip()]
+        items = [s for s in split_probe_specs(items) if s.strip()]
     out = []
     for it in items:
         if isinstance(it, str):
@@ -649,21 +649,12 @@ def make_probes(items: Any) -> list[ProbeFn]:
     return out
 
 
-def _split_top(text: str) -> list[str]:
-    """Split ``"loss,r_med:per_layer=100,sharpness"`` into probe specs (a token with ``=`` continues a spec)."""
-    parts, cur = [], ""
-    depth = 0
-    tokens, tok = [], ""
-    for ch in text:
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "," and depth == 0:
-            tokens.append(tok)
-            tok = ""
-        else:
-            tok += ch
-    tokens.append(tok)
-    for t in tokens:
+def split_probe_specs(text: str) -> list[str]:
+    """Split ``"loss,r_med:per_layer=100,delta=0.1,sharpness"`` into probe specs: commas outside ``[...]`` separate
+    tokens, and a ``key=value`` token without a name continues the spec before it."""
+    parts: list[str] = []
+    cur = ""
+    for t in split_top_level(text):
         if "=" in t and ":" not in t and cur:
             cur += "," + t
         else:

@@ -11,6 +11,23 @@ class SpecError(ValueError):
     """A malformed or unknown spec; the message points at the offending token."""
 
 
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split ``text`` at ``sep`` outside ``[...]``: ``"a=1,b=[2,3]"`` -> ``["a=1", "b=[2,3]"]``."""
+    tokens, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == sep and depth == 0:
+            tokens.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    tokens.append(cur)
+    return tokens
+
+
 def parse_spec(text: str, valid_names: Iterable[str] | None = None, what: str = "spec") -> tuple[str, dict[str, Any]]:
     """``"adam:lr=1e-3,betas=[0.9,0.999]"`` -> ``("adam", {"lr": 0.001, "betas": [0.9, 0.999]})``.
 
@@ -26,19 +43,7 @@ def parse_spec(text: str, valid_names: Iterable[str] | None = None, what: str = 
             raise SpecError(f"unknown {what} {name!r} in {text!r}; valid: {', '.join(valid)}")
     kwargs: dict[str, Any] = {}
     if rest.strip():
-        tokens, depth, cur = [], 0, ""
-        for ch in rest:
-            if ch == "[":
-                depth += 1
-            elif ch == "]":
-                depth -= 1
-            if ch == "," and depth == 0:
-                tokens.append(cur)
-                cur = ""
-            else:
-                cur += ch
-        tokens.append(cur)
-        for tok in tokens:
+        for tok in split_top_level(rest):
             if "=" not in tok or not tok.split("=", 1)[0].strip():
                 raise SpecError(f"malformed {what} {text!r}: token {tok!r} is not key=value")
             k, v = tok.split("=", 1)
