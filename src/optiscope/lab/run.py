@@ -411,8 +411,7 @@ class Run:
                     if not (math.isfinite(loss) and grads_ok):
                         status, diverged_at = f"diverged at step {step}", step
                         self._flush(store, self._take_pending() + [
-                            {"run": self.name, "optimizer": self.label, "step": step, "metric": "diverged",
-                             "layer": "", "value": float(step)}], arrays, set())
+                            self._diverged_row(step)], arrays, set())
                         break
                     before = [p.detach().clone() for _, p in self._trainable()]
                     opt.step()
@@ -425,12 +424,16 @@ class Run:
                     if not params_ok:
                         status, diverged_at = f"diverged at step {step}", step
                         self._flush(store, self._take_pending() + [
-                            {"run": self.name, "optimizer": self.label, "step": step, "metric": "diverged",
-                             "layer": "", "value": float(step)}], arrays, set())
+                            self._diverged_row(step)], arrays, set())
                         break
                     bar.advance(1)
         return self._finish(store, step, status, diverged_at, opt, arrays, t_start, probe_seconds, train_seconds,
                             warnings)
+
+    def _diverged_row(self, step: int) -> dict:
+        """The tidy row that records ``diverged at step t`` (value = t)."""
+        return {"run": self.name, "optimizer": self.label, "step": step, "metric": "diverged", "layer": "",
+                "value": float(step)}
 
     def _take_pending(self) -> list[dict]:
         rows, self._pending_rows = getattr(self, "_pending_rows", []), []
@@ -446,8 +449,7 @@ class Run:
             X, y = self.problem.probe_batch
             probe_loss = float(self.problem.loss_fn(pure_forward(self.model, X), y))
         if not math.isfinite(probe_loss) or not all(bool(torch.isfinite(p).all()) for _, p in self._trainable()):
-            rows.append({"run": self.name, "optimizer": self.label, "step": step, "metric": "diverged", "layer": "",
-                         "value": float(step)})
+            rows.append(self._diverged_row(step))
             return rows, new_arrays, probe_loss
         bad = None
         with probe_guard(self.model):
@@ -464,8 +466,7 @@ class Run:
         for r in rows:
             if r["metric"] == "loss" and r["step"] == step and not math.isfinite(r["value"]):
                 bad = r["value"]
-                rows.append({"run": self.name, "optimizer": self.label, "step": step, "metric": "diverged",
-                             "layer": "", "value": float(step)})
+                rows.append(self._diverged_row(step))
                 break
         return rows, new_arrays, bad
 
