@@ -486,8 +486,9 @@ class PrecondSharpnessProbe(Probe):
         out = {"precond_sharpness": float(np.asarray(res.values)[0]), "precond_sharpness_n_hvp": float(res.n_hvp)}
         g0 = state.optimizer.param_groups[0]
         if "betas" in g0 and g0.get("lr", 0) > 0:
-            b1 = float(g0["betas"][0])
-            out["precond_sharpness_threshold"] = 2 * (1 + b1) / ((1 - b1) * float(g0["lr"]))
+            from optiscope.theory.adam import adaptive_edge_of_stability
+
+            out["precond_sharpness_threshold"] = adaptive_edge_of_stability(float(g0["lr"]), float(g0["betas"][0]))
         return out
 
 

@@ -199,6 +199,14 @@ def large_eps_effective_lr(h: float, eps: float, eps_inside_sqrt: bool = True) -
     return h / (math.sqrt(eps) if eps_inside_sqrt else eps)
 
 
+def adaptive_edge_of_stability(lr: float, beta1: float) -> float:
+    r"""Stability threshold of the preconditioned sharpness for Adam with momentum ``beta1`` (Cohen et al. 2022, cited
+    in seed 001): the top eigenvalue of ``P^{-1/2} H P^{-1/2}`` settles near ``2 (1 + beta1) / ((1 - beta1) lr)``
+    (the heavy-ball stability bound ``2 (1 + beta) / lr`` for an update ``lr (1 - beta) m``)."""
+    check_hyperparameters(h=lr, beta1=beta1)
+    return 2.0 * (1.0 + beta1) / ((1.0 - beta1) * lr)
+
+
 def one_norm_bias(beta1: float, beta2: float) -> str:
     """Table 1 of 001 (small-eps column): ``"penalized"`` if b1 > b2, ``"anti-penalized"`` if b1 < b2, else ``"none"``."""
     check_hyperparameters(beta1=beta1, beta2=beta2)
