@@ -25,7 +25,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy import stats
 
 from optiscope.lab.probes import weight_matrix_params
@@ -127,6 +126,14 @@ def tune_lr(problem, make_spec: Callable[[float], Any], grid: Sequence[float], s
     return best, losses
 
 
+def tuned_lr(problem, make_spec: Callable[[float], Any], grid: Sequence[float], steps: int, seed: int,
+             **run_kwargs: Any) -> tuple[float, dict[float, float]]:
+    """:func:`tune_lr` over ``grid``, or its only value (no tuning run) when the grid has one entry."""
+    if len(grid) > 1:
+        return tune_lr(problem, make_spec, grid, steps, seed, **run_kwargs)
+    return float(grid[0]), {}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # statistics
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,6 +217,13 @@ def gap_summary(values_a: np.ndarray, values_b: np.ndarray, layers: Sequence[str
         })
     return {"frac_layers_a_smaller": frac, "n_layers_compared": int(ok.sum()), "median_ratio": med,
             "ci95": ci, "repeats": int(R), "exclude_first": int(exclude_first), "per_layer": per_layer}
+
+
+def pair_gap_summary(metrics: pd.DataFrame, a: str, b: str, layers: Sequence[str], cfg) -> dict[str, Any]:
+    """:func:`gap_summary` of optimizer ``a`` vs ``b`` from a repeats frame, with the config's ``at``,
+    ``exclude_first``, ``n_bootstrap`` and ``seed``."""
+    return gap_summary(rmed_values(metrics, a, layers, at=cfg.at), rmed_values(metrics, b, layers, at=cfg.at), layers,
+                       cfg.exclude_first, cfg.n_bootstrap, cfg.seed, name_a=a, name_b=b)
 
 
 def _f(x: float) -> float | None:
@@ -399,11 +413,8 @@ def run_pair(cfg: LMConfig, problem, optimizers: Mapping[str, Any] | None = None
     """Tune B's lr on ``cfg.sgdm_lrs`` (if ``tune``), then compare all ``optimizers`` (default: A = Adam, B = SGD+M)
     over ``cfg.repeats`` data orders with R_med checkpoints, and summarise A vs B with :func:`gap_summary`."""
     make_b = make_b or (lambda lr: sgdm_spec(cfg, lr))
-    if tune and len(cfg.sgdm_lrs) > 1:
-        best, tuning = tune_lr(problem, make_b, cfg.sgdm_lrs, cfg.tune_steps, cfg.seed, batch_size=cfg.batch_size,
-                               checkpoint=False)
-    else:
-        best, tuning = float(cfg.sgdm_lrs[0]), {}
+    best, tuning = tuned_lr(problem, make_b, cfg.sgdm_lrs if tune else cfg.sgdm_lrs[:1], cfg.tune_steps, cfg.seed,
+                            batch_size=cfg.batch_size, checkpoint=False)
     opts = dict(optimizers) if optimizers is not None else {}
     opts.setdefault(b, make_b(best))
     opts.setdefault(a, adam_spec(cfg))
@@ -412,9 +423,7 @@ def run_pair(cfg: LMConfig, problem, optimizers: Mapping[str, Any] | None = None
     out = compare_repeats(problem, opts, cfg.steps, cfg.repeats, cfg.seed, probes,
                           batch_size=cfg.batch_size, probe_steps=checkpoint_steps(cfg.steps, cfg.n_checkpoints),
                           checkpoint=False)
-    va = rmed_values(out.metrics, a, layers, at=cfg.at)
-    vb = rmed_values(out.metrics, b, layers, at=cfg.at)
-    summary = gap_summary(va, vb, layers, cfg.exclude_first, cfg.n_bootstrap, cfg.seed, name_a=a, name_b=b)
+    summary = pair_gap_summary(out.metrics, a, b, layers, cfg)
     return PairOutcome(out.metrics, layers, best, tuning, out.status, summary, out.seconds)
 
 

@@ -71,9 +71,7 @@ def run(config: AdaptiveConfig, store) -> Result:
     rc.store_metrics(store, out.metrics)
     claims, summaries = [], {}
     for a, b, where in PAIRS:
-        va = rc.rmed_values(out.metrics, a, layers, at=cfg.at)
-        vb = rc.rmed_values(out.metrics, b, layers, at=cfg.at)
-        s = rc.gap_summary(va, vb, layers, cfg.exclude_first, cfg.n_bootstrap, cfg.seed, name_a=a, name_b=b)
+        s = rc.pair_gap_summary(out.metrics, a, b, layers, cfg)
         summaries[f"{a}_vs_{b}"] = {"summary": s, "speed": rc.faster(out.metrics, a, b)}
         sp = summaries[f"{a}_vs_{b}"]["speed"]
         claims.append(Claim(f"{a}_faster", f"{a} reaches a lower training loss than {b} at its best lr",

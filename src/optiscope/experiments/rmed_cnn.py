@@ -91,9 +91,7 @@ def run(config: CNNConfig, store) -> Result:
     out = rc.compare_repeats(problem, {"sgdm": sgdm(best_sgdm), "adam": adam(best_adam)}, cfg.steps, cfg.repeats,
                              cfg.seed, probes, probe_steps=rc.checkpoint_steps(cfg.steps, cfg.n_checkpoints), **kw)
     rc.store_metrics(store, out.metrics)
-    va = rc.rmed_values(out.metrics, "adam", layers, at=cfg.at)
-    vb = rc.rmed_values(out.metrics, "sgdm", layers, at=cfg.at)
-    s = rc.gap_summary(va, vb, layers, cfg.exclude_first, cfg.n_bootstrap, cfg.seed)
+    s = rc.pair_gap_summary(out.metrics, "adam", "sgdm", layers, cfg)
     speed = rc.faster(out.metrics, "adam", "sgdm")
     frac = s["frac_layers_a_smaller"]
     claims = [

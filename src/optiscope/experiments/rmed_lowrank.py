@@ -59,9 +59,8 @@ def run(config: LowRankConfig, store) -> Result:
     cfg = config
     problem = rc.lm_problem(cfg)
     shapes = {n: tuple(p.shape) for n, p in problem.model.named_parameters() if p.ndim >= 2}
-    best, tuning = rc.tune_lr(problem, lambda lr: rc.sgdm_spec(cfg, lr), cfg.sgdm_lrs, cfg.tune_steps, cfg.seed,
-                              batch_size=cfg.batch_size, checkpoint=False) if len(cfg.sgdm_lrs) > 1 else \
-        (cfg.sgdm_lrs[0], {})
+    best, tuning = rc.tuned_lr(problem, lambda lr: rc.sgdm_spec(cfg, lr), cfg.sgdm_lrs, cfg.tune_steps, cfg.seed,
+                               batch_size=cfg.batch_size, checkpoint=False)
     probes = ["loss:on=train", make_probe("weight_spectrum", save_singular_values=True),
               make_probe("adam_alignment", per_layer=cfg.align_per_layer)]
     out = rc.compare_repeats(problem, {"sgdm": rc.sgdm_spec(cfg, best), "adam": rc.adam_spec(cfg)}, cfg.steps,

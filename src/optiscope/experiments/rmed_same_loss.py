@@ -54,9 +54,8 @@ def run(config: SameLossConfig, store) -> Result:
     cfg = config
     problem = rc.lm_problem(cfg)
     layers = weight_matrix_params(problem.model)
-    best, tuning = rc.tune_lr(problem, lambda lr: rc.sgdm_spec(cfg, lr), cfg.sgdm_lrs, cfg.tune_steps, cfg.seed,
-                              batch_size=cfg.batch_size, checkpoint=False) if len(cfg.sgdm_lrs) > 1 else \
-        (cfg.sgdm_lrs[0], {})
+    best, tuning = rc.tuned_lr(problem, lambda lr: rc.sgdm_spec(cfg, lr), cfg.sgdm_lrs, cfg.tune_steps, cfg.seed,
+                               batch_size=cfg.batch_size, checkpoint=False)
     rmed = rc.rmed_probe(layers, cfg.per_layer, cfg.delta)
     sgd_steps = rc.checkpoint_steps(cfg.steps, cfg.n_checkpoints)
     frames, pairs_all, status = [], [], {}

@@ -50,8 +50,8 @@ def run(config: SwitchConfig, store) -> Result:
     problem = rc.lm_problem(cfg)
     layers = weight_matrix_params(problem.model)
     sgd_spec = lambda lr: ("sgd", {"lr": float(lr), "weight_decay": cfg.weight_decay})  # noqa: E731
-    best, tuning = rc.tune_lr(problem, sgd_spec, cfg.sgd_lrs, cfg.tune_steps, cfg.seed, batch_size=cfg.batch_size,
-                              checkpoint=False) if len(cfg.sgd_lrs) > 1 else (cfg.sgd_lrs[0], {})
+    best, tuning = rc.tuned_lr(problem, sgd_spec, cfg.sgd_lrs, cfg.tune_steps, cfg.seed, batch_size=cfg.batch_size,
+                               checkpoint=False)
     s = int(round(cfg.switch_fraction * cfg.steps))
     steps = sorted(set(rc.checkpoint_steps(cfg.steps, cfg.n_checkpoints)) | {s})
     rmed = rc.rmed_probe(layers, cfg.per_layer, cfg.delta)

@@ -15,7 +15,6 @@ R_med^Adam = O(1); R_med ~ R_u when the layers are rank one (App. F); the Hessia
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
