@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from optiscope.cli._common import fail
 from optiscope.utils.progress import set_quiet
 
 console = Console()
@@ -87,16 +88,15 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     ) -> None:
         """Gradient / Hessian statistics at init vs depth and width; flags vanishing (seed 002)."""
-        from optiscope.lab.init_check import InitCheckConfig, init_check, model_factory
+        from optiscope.lab.init_check import WIDTH_KEYS, InitCheckConfig, init_check, model_factory
         from optiscope.lab.store import RunStore
         from optiscope.utils.spec import parse_spec
 
         set_quiet(quiet)
-        err = Console(stderr=True)
         try:
             name, kw = parse_spec(model, None, "model")
             depth_list = parse_int_list(depths, "depths")
-            width_key = {"mlp": "width", "deep_linear": "width", "fcn": "channels"}.get(name)
+            width_key = WIDTH_KEYS.get(name)
             if widths is not None:
                 width_list = parse_int_list(widths, "widths")
             elif name == "neural_chain":
@@ -114,8 +114,7 @@ def register(app: typer.Typer) -> None:
             vdepth = {int(w): result.vanishing_depth("grad_norm", int(w), threshold, reference_depth)
                       for w in width_list}
         except ValueError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
-            raise typer.Exit(2)
+            fail(str(e))
         summ = result.summary()
         shown = [q for q in ("output_norm", "grad_norm", "hess_diag_norm", "hess_offdiag_norm", "eig_max", "eig_min",
                              "trace") if q in set(summ["quantity"])]

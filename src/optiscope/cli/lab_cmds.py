@@ -10,14 +10,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from optiscope.cli._common import claims_table, fail, warn_problems
 from optiscope.utils.progress import set_quiet
 
 console = Console(soft_wrap=True)
 
 
-def _fail(message: str, code: int = 2) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
 
 
 def _errors():
@@ -52,9 +50,7 @@ def show_store(store) -> None:
     """Rich tables: per-run status and latest values, per-layer R_med; corrupt files are named, the rest shown."""
     from optiscope.report.markdown import final_layer_values, final_values
 
-    problems = store.check()
-    for p in problems:
-        Console(stderr=True, soft_wrap=True).print(f"[yellow]warning:[/] {p}", highlight=False)
+    warn_problems(store)
     try:
         manifest = store.read_manifest()
     except Exception:
@@ -92,11 +88,7 @@ def show_store(store) -> None:
     if "results.json" in {p.name for p in store.root.iterdir()}:
         try:
             res = store.read_results()
-            t3 = Table("claim", "paper", "measured", "holds", title="claims")
-            for c in res.get("claims", []):
-                t3.add_row(str(c.get("claim"))[:70], str(c.get("paper"))[:30], str(c.get("measured"))[:40],
-                           {True: "yes", False: "no", None: "n/a"}.get(c.get("holds"), "?"))
-            console.print(t3)
+            console.print(claims_table(res.get("claims", []), title="claims", colored=False))
         except Exception:
             pass
 
@@ -146,7 +138,7 @@ def register(app: typer.Typer) -> None:
             t0 = time.perf_counter()
             res = run_compare(cfg, out)
         except _errors() as e:
-            _fail(_msg(e))
+            fail(_msg(e))
         from optiscope.lab.store import RunStore
 
         for n, r in res.runs.items():
@@ -166,8 +158,7 @@ def register(app: typer.Typer) -> None:
         set_quiet(quiet)
         try:
             store = RunStore.open(run_dir)
-            for p in store.check():
-                Console(stderr=True, soft_wrap=True).print(f"[yellow]warning:[/] {p}", highlight=False)
+            warn_problems(store)
             manifest = store.read_manifest()
             if manifest.get("experiment") and manifest.get("kind") != "compare":
                 from optiscope.experiments.base import get, run_experiment
@@ -181,7 +172,7 @@ def register(app: typer.Typer) -> None:
                 for n, r in res.runs.items():
                     console.print(f"{n}: {r.status}")
         except _errors() as e:
-            _fail(_msg(e))
+            fail(_msg(e))
         _finish(RunStore.open(run_dir), quiet)
 
     @app.command("show")
@@ -192,7 +183,7 @@ def register(app: typer.Typer) -> None:
         try:
             store = RunStore.open(run_dir)
         except _errors() as e:
-            _fail(_msg(e))
+            fail(_msg(e))
         show_store(store)
 
     @app.command("plot")
@@ -203,12 +194,11 @@ def register(app: typer.Typer) -> None:
 
         try:
             store = RunStore.open(run_dir)
-            for p in store.check():
-                Console(stderr=True, soft_wrap=True).print(f"[yellow]warning:[/] {p}", highlight=False)
+            warn_problems(store)
             figs = plot_run(store)
             report = write_report(store)
         except _errors() as e:
-            _fail(_msg(e))
+            fail(_msg(e))
         for f in figs:
             console.print(str(f))
         console.print(f"report: {report}")
@@ -239,7 +229,7 @@ def register(app: typer.Typer) -> None:
             t0 = time.perf_counter()
             res = run_compare(cfg, store, resume=resume)
         except _errors() as e:
-            _fail(_msg(e))
+            fail(_msg(e))
         for n, r in res.runs.items():
             console.print(f"{n}: {r.status} (train {r.train_seconds:.1f}s, probes {r.probe_seconds:.1f}s)")
         console.print(f"done in {time.perf_counter() - t0:.1f}s")

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from optiscope.cli._common import claims_table, fail
 from optiscope.utils.progress import set_quiet
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -20,10 +21,6 @@ console = Console()
 COMMAND_MODULES = ["lab_cmds", "sgd_theory", "init_check"]
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Print a clean error (no traceback) and exit."""
-    Console(stderr=True).print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 @app.command("list")
@@ -58,11 +55,7 @@ def run(
         fail(str(e.args[0] if isinstance(e, KeyError) else e))
     report = write_report(store)
     results = store.read_results()
-    table = Table("claim", "paper", "measured", "holds", title=f"{name} ({preset})")
-    for c in results["claims"]:
-        holds = {True: "[green]yes[/]", False: "[red]no[/]", None: "n/a"}[c["holds"]]
-        table.add_row(str(c["claim"])[:70], str(c["paper"])[:30], str(c["measured"])[:40], holds)
-    console.print(table)
+    console.print(claims_table(results["claims"], title=f"{name} ({preset})"))
     console.print(f"results: {store.path('results.json')}\nreport:  {report}")
 
 
