@@ -740,14 +740,19 @@ class Hessian:
         return BlockNormResult(names, F, diag, off, gersh, bool(exact), self.n_hvp - before, ent, se)
 
     def dense(self, max_dim: int = DEFAULT_DENSE_MAX_DIM) -> Tensor:
-        """The full ``n x n`` Hessian built from HVP columns (``H[:, i] = H e_i``); small models only."""
+        """The full ``n x n`` Hessian built from HVP columns (``H[:, i] = H e_i``); small models only.
+
+        Built once per ``Hessian`` (the parameters are a fixed snapshot) and returned as a copy afterwards, so
+        ``block_norms(exact=True)``, spectra and traces of one point share the ``n`` HVPs."""
         max_dim = _check_int("max_dim", max_dim, 1)
         if self.numel > max_dim:
             raise ValueError(f"dense(): the Hessian has dimension {self.numel} > max_dim = {max_dim} "
                              f"({self.numel ** 2 * first_element_size(self.params) / 2 ** 30:.2f} GiB); use the "
                              "estimators (diagonal, eigenvalues, trace, density, block_norms) or raise max_dim")
-        cols = torch.cat(self._unit_columns(torch.arange(self.numel), lambda c, chunk: c))
-        return cols.T.contiguous()
+        if getattr(self, "_dense", None) is None:
+            cols = torch.cat(self._unit_columns(torch.arange(self.numel), lambda c, chunk: c))
+            self._dense = cols.T.contiguous()
+        return self._dense.clone()
 
     def to_scipy(self):
         """``scipy.sparse.linalg.LinearOperator`` (float64, flat vectors in ``param_names`` order) applying ``H``."""

@@ -192,17 +192,15 @@ def measure_at_init(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Ten
     before = H.n_hvp
     meas.exact = exact
     if exact:
-        # one dense Hessian serves blocks, spectrum and trace (block_norms(exact=True) would form it again)
+        # one dense Hessian (built once, cached by the Hessian) serves blocks, spectrum and trace
         dense = H.dense(max_dim=max(exact_max_dim, 1)).double()
         dense = 0.5 * (dense + dense.T)
-        names = list(H.param_names)
-        sl = {a: slice(H.offsets[a], H.offsets[a] + H.sizes[a]) for a in names}
-        F = np.array([[float(dense[sl[a], sl[b]].norm()) for b in names] for a in names])
-        meas.block_frobenius = F
-        meas.hess_block_norm_per_layer = {a: float(F[i, i]) for i, a in enumerate(names)}
-        values["hess_diag_norm"] = float(np.sqrt(np.sum(np.diag(F) ** 2)))
-        values["hess_offdiag_norm"] = float(np.sqrt(max(np.sum(F ** 2) - np.sum(np.diag(F) ** 2), 0.0)))
-        values["hess_gershgorin"] = float(F.sum(1).max())
+        bn = H.block_norms(exact=True, max_dim=max(exact_max_dim, 1))
+        meas.block_frobenius = bn.frobenius
+        meas.hess_block_norm_per_layer = {a: float(bn.frobenius[i, i]) for i, a in enumerate(bn.layers)}
+        values["hess_diag_norm"] = bn.diagonal_total
+        values["hess_offdiag_norm"] = bn.offdiagonal_total
+        values["hess_gershgorin"] = bn.gershgorin
         values["trace"] = float(torch.trace(dense))
         if hessian == "full":
             ev = torch.linalg.eigvalsh(dense)
