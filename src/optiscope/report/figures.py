@@ -128,22 +128,20 @@ def plot_one_norm(df: pd.DataFrame):
 
 
 def _lrs_from_config(store: RunStore) -> dict[str, float]:
+    """Learning rate per run of a lab comparison directory, keyed by the run names the lab used
+    (:meth:`CompareConfig.run_names`); empty for other run directories or specs without an ``lr``."""
+    from optiscope.lab.config import load_compare_config
+    from optiscope.utils.spec import parse_spec
+
     try:
-        cfg = store.read_config()
+        cfg = load_compare_config(store)
     except Exception:
         return {}
     out = {}
-    from optiscope.utils.spec import parse_spec
-
-    names = cfg.get("names") or []
-    for i, spec in enumerate(cfg.get("optimizers") or []):
-        try:
-            name, kw = parse_spec(str(spec))
-        except ValueError:
-            continue
-        key = names[i] if i < len(names) else name
-        if "lr" in kw and isinstance(kw["lr"], (int, float)):
-            out[key] = float(kw["lr"])
+    for name, spec in zip(cfg.run_names(), cfg.optimizers):
+        _, kw = parse_spec(str(spec))
+        if isinstance(kw.get("lr"), (int, float)):
+            out[name] = float(kw["lr"])
     return out
 
 
