@@ -204,20 +204,32 @@ def full_batch_field(f: LossFn | _Oracle, theta: Tensor, hp: AdamHyper, n: int |
         m = None
     g, hess = oracle.gradient(theta)
     _check_grad(g)
-    a1 = moment_scale(hp.beta1, m, hp.bias_correction)
-    a2 = moment_scale(hp.beta2, m, hp.bias_correction)
-    r = torch.sqrt(a2 * g * g + hp.eps) if hp.eps_inside_sqrt else math.sqrt(a2) * g.abs() + hp.eps
-    p = a1 * g / r
+    a1, r, p = _full_batch_direction(g, hp, m)
     if order == 1:
         return -p
     if order != 2:
         raise ValueError(f"order must be 1 or 2, got {order!r}")
+    return -(a1 / r) * (g + _full_batch_bias(oracle, hess, g, p, hp, m, include_discretisation=not discrete))
+
+
+def _full_batch_direction(g: Tensor, hp: AdamHyper, m: int | None) -> tuple[float, Tensor, Tensor]:
+    """``(a1, R, P)`` of the full-batch flow: moment scales ``a_b = 1 - b^(m+1)`` (1 without bias correction),
+    ``R = sqrt(a2 g^2 + eps)`` (eps inside) or ``sqrt(a2)|g| + eps`` (outside) and ``P = a1 g / R`` (001 §1b)."""
+    a1 = moment_scale(hp.beta1, m, hp.bias_correction)
+    a2 = moment_scale(hp.beta2, m, hp.bias_correction)
+    r = torch.sqrt(a2 * g * g + hp.eps) if hp.eps_inside_sqrt else math.sqrt(a2) * g.abs() + hp.eps
+    return a1, r, a1 * g / r
+
+
+def _full_batch_bias(oracle: _Oracle, hess, g: Tensor, p: Tensor, hp: AdamHyper, m: int | None,
+                     include_discretisation: bool = True) -> Tensor:
+    """The correction ``kappa(g) * (H P)`` of 001 Eq. (3): one Hessian-vector product."""
     hp_vec = oracle.hvp(hess, p)
     kappa = torch.as_tensor(
         correction_coefficient(g.detach().cpu().double().numpy(), hp.h, hp.beta1, hp.beta2, hp.eps, m,
-                               hp.eps_inside_sqrt, hp.bias_correction, include_discretisation=not discrete),
+                               hp.eps_inside_sqrt, hp.bias_correction, include_discretisation=include_discretisation),
         dtype=g.dtype, device=g.device)
-    return -(a1 / r) * (g + kappa * hp_vec)
+    return kappa * hp_vec
 
 
 def full_batch_correction(f: LossFn, params: Mapping[str, Tensor], hp: AdamHyper, n: int | None = None) -> dict:
@@ -236,15 +248,8 @@ def full_batch_correction(f: LossFn, params: Mapping[str, Tensor], hp: AdamHyper
     g, hess = oracle.gradient(theta)
     if not torch.all(torch.isfinite(g)):
         raise ValueError("the gradient is non-finite at these parameters")
-    a1 = moment_scale(hp.beta1, m, hp.bias_correction)
-    a2 = moment_scale(hp.beta2, m, hp.bias_correction)
-    r = torch.sqrt(a2 * g * g + hp.eps) if hp.eps_inside_sqrt else math.sqrt(a2) * g.abs() + hp.eps
-    p = a1 * g / r
-    hp_vec = oracle.hvp(hess, p)
-    kappa = torch.as_tensor(correction_coefficient(g.detach().cpu().double().numpy(), hp.h, hp.beta1, hp.beta2,
-                                                   hp.eps, m, hp.eps_inside_sqrt, hp.bias_correction),
-                            dtype=g.dtype, device=g.device)
-    bias = kappa * hp_vec
+    a1, r, p = _full_batch_direction(g, hp, m)
+    bias = _full_batch_bias(oracle, hess, g, p, hp, m)
     gn = float(g.norm())
     return {
         "gradient": g, "correction": bias, "norm": float(bias.norm()),
