@@ -30,7 +30,7 @@ from torch import nn
 
 from optiscope.lab.probes import ProbeState, make_probes, probe_guard, probe_name, pure_forward
 from optiscope.lab.problem import Problem
-from optiscope.lab.store import METRIC_COLUMNS, RunStore, StoreError
+from optiscope.lab.store import METRIC_COLUMNS, RunStore, StoreError, empty_metrics
 from optiscope.utils.progress import progress_task
 from optiscope.utils.spec import SpecError, parse_spec
 
@@ -164,11 +164,6 @@ class RepeatResult:
     runs: list[RunResult]
     metrics: pd.DataFrame
     summary: pd.DataFrame
-
-
-def _empty_metrics() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in
-                         zip(METRIC_COLUMNS, ["str", "str", "int64", "str", "str", "float64"])})
 
 
 def _rows_from(result: Mapping[str, Any], run: str, optimizer: str, step: int,
@@ -483,7 +478,7 @@ class Run:
             metrics = df[df["run"] == self.name].reset_index(drop=True)
         else:
             self._memory.extend(pending)
-            metrics = pd.DataFrame(self._memory, columns=METRIC_COLUMNS) if self._memory else _empty_metrics()
+            metrics = pd.DataFrame(self._memory, columns=METRIC_COLUMNS) if self._memory else empty_metrics()
         return RunResult(self.name, metrics, status, diverged_at, self.model, opt, seconds, probe_seconds,
                          train_seconds, arrays)
 

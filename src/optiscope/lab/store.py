@@ -37,6 +37,12 @@ from optiscope.utils.atomic import atomic_write, atomic_write_bytes, atomic_writ
 METRIC_COLUMNS = ["run", "optimizer", "step", "metric", "layer", "value"]
 
 
+def empty_metrics() -> pd.DataFrame:
+    """A tidy metrics frame with no rows and the column types of ``metrics.parquet``."""
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in
+                         zip(METRIC_COLUMNS, ["str", "str", "int64", "str", "str", "float64"])})
+
+
 class StoreError(RuntimeError):
     """A run directory cannot be used; the message names the file."""
 
@@ -157,8 +163,7 @@ class RunStore:
     def read_metrics(self) -> pd.DataFrame:
         p = self.path("metrics.parquet")
         if not p.exists():
-            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in
-                                 zip(METRIC_COLUMNS, ["str", "str", "int64", "str", "str", "float64"])})
+            return empty_metrics()
         try:
             return pd.read_parquet(p)
         except Exception as e:
