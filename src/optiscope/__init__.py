@@ -1,7 +1,7 @@
 """optiscope: how optimizers interact with the geometry of the loss, checked against theory.
 
 Layers (lower never imports higher): cli > report > experiments > lab > zoo > optim > theory/metrics > curvature.
-See ``DESIGN.md`` in the shared folder and the README.
+See the README and ``docs/architecture.md``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""``optiscope init-check``: gradients and curvature at initialization vs depth and width (seed 002).
+"""``optiscope init-check``: gradients and curvature at initialization vs depth and width (Orvieto et al. 2022).
 
-Example (seed 002 Fig. 1)::
+Example (Orvieto et al. 2022, Fig. 1)::
 
     optiscope init-check --model mlp:width=32 --depths 2,4,...,64 --init he_uniform --seeds 20
 
@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
         seeds: int = typer.Option(20, "--seeds", help="number of random initializations per (depth, width)"),
         seed: int = typer.Option(0, "--seed", help="first seed"),
         hessian: str = typer.Option("full", "--hessian", help="none | blocks | full (adds extreme eigenvalues)"),
-        samples: int = typer.Option(64, "--samples", help="data points (teacher data, seed 002 App. A.1)"),
+        samples: int = typer.Option(64, "--samples", help="data points (teacher data, Orvieto et al. 2022, App. A.1)"),
         n_probes: int = typer.Option(4, "--probes", help="probes per layer for large Hessians"),
         exact_max_dim: int = typer.Option(1500, "--exact-max-dim", help="dense Hessian up to this many params"),
         threshold: float = typer.Option(1e-3, "--threshold", help="report the depth where the median gradient "
@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(None, "--out", help="directory for records, summary and figures"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     ) -> None:
-        """Gradient / Hessian statistics at init vs depth and width; flags vanishing (seed 002)."""
+        """Gradient / Hessian statistics at init vs depth and width; flags vanishing (Orvieto et al. 2022)."""
         from optiscope.lab.init_check import WIDTH_KEYS, InitCheckConfig, init_check, model_factory
         from optiscope.lab.store import RunStore
         from optiscope.utils.spec import parse_spec

@@ -1,5 +1,5 @@
 """``optiscope sgd-theory``: predicted loss curve, stability verdict, critical lr, phase and advice for mini-batch
-SGD with momentum from a spectrum, a kernel, or a model on data (seed 004, :mod:`optiscope.theory.sgd`)."""
+SGD with momentum from a spectrum, a kernel, or a model on data (Velikanov et al. 2023, :mod:`optiscope.theory.sgd`)."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="seed of the network for --model"),
         quiet: bool = typer.Option(False, "--quiet", help="print only the verdict line"),
     ) -> None:
-        """Predict the noise-averaged loss of mini-batch SGD with momentum from a spectrum (seed 004)."""
+        """Predict the noise-averaged loss of mini-batch SGD with momentum from a spectrum (Velikanov et al. 2023)."""
         from rich.console import Console
         from rich.table import Table
 

@@ -1,4 +1,4 @@
-"""optiscope.curvature: the Hessian of a loss as a linear operator (issue 2 §2).
+"""optiscope.curvature: the Hessian of a loss as a linear operator.
 
 ``Hessian(model, loss_fn, data, params=None)`` and ``Hessian.from_function(f, params)``; see
 ``docs/architecture.md`` ("curvature") for the API contract.

@@ -1,4 +1,4 @@
-"""The loss as a pure function of a parameter dict (DESIGN.md "Core contracts: Problem").
+"""The loss as a pure function of a parameter dict (docs/architecture.md).
 
 A :class:`LossFunction` turns ``(model, loss_fn, data)`` or an arbitrary scalar function of a parameter dict into
 a list of weighted pure terms ``L(theta) = sum_b w_b * L_b(theta)`` with ``w_b = n_b / N``: the exact mean over

@@ -1,4 +1,4 @@
-"""Empirical neural tangent kernel (NTK) of a model on data, via ``torch.func`` (seed 004 §2 and App. F: the
+"""Empirical neural tangent kernel (NTK) of a model on data, via ``torch.func`` (Velikanov et al. 2023, §2 and App. F: the
 kernel whose spectrum feeds the SGD theory).
 
 ``K[i, j] = sum_theta (d f(x_i) / d theta) (d f(x_j) / d theta)`` at the current parameters. For a network
@@ -98,7 +98,7 @@ def empirical_ntk(model: nn.Module, inputs: Tensor, params: Iterable[str] | None
 
 
 class NTKOneHiddenLayer(nn.Module):
-    """``f(x) = (1/sqrt(m)) sum_j a_j relu(w_j . x / sqrt(d) + b_j)``, NTK parameterisation (seed 004 App. F;
+    """``f(x) = (1/sqrt(m)) sum_j a_j relu(w_j . x / sqrt(d) + b_j)``, NTK parameterisation (Velikanov et al. 2023, App. F;
     authors' ``NTKTwoLayerMLP``): ``w_j ~ N(0, I_d)``, ``b_j ~ N(0, 1)``, ``a_j ~ N(0, 1)``, width m, scalar output.
     Initialised from an explicit ``torch.Generator`` seeded with ``seed``."""
 

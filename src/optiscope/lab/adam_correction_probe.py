@@ -1,4 +1,4 @@
-"""Probe ``adam_correction``: the O(h) correction term of Adam's modified flow during training (seed 001 §2, Eq. 2-3).
+"""Probe ``adam_correction``: the O(h) correction term of Adam's modified flow during training (Cattaneo et al. 2024, §2, Eq. 2-3).
 
 At a checkpoint with parameters theta, the full-batch modified ODE of Adam reads
 ``dtheta_j/dt = -(a1/R_j)(g_j + bias_j)`` with ``bias = kappa * (H P)`` (one Hessian-vector product; kappa from
@@ -9,11 +9,11 @@ At a checkpoint with parameters theta, the full-batch modified ODE of Adam reads
 * ``adam_correction_cosine``    cos(bias, g): > 0 the correction adds to the gradient (penalises the perturbed
   one-norm), < 0 it opposes it (anti-penalises it, the typical case beta1 < beta2)
 * ``adam_correction_small_eps_fraction``  share of coordinates with |g_j| > sqrt(eps) (eps inside) or > eps
-  (outside): how far training is in the small-eps (one-norm) regime of 001 Eq. 4-5 rather than Eq. 6-7.
+  (outside): how far training is in the small-eps (one-norm) regime of Cattaneo et al. 2024, Eq. 4-5 rather than Eq. 6-7.
 
 Hyperparameters default to the optimizer's (Adam: lr, betas, eps, eps_inside_sqrt, bias_correction; RMSProp: lr,
 beta, eps, eps_inside_sqrt); the iteration index n for the exact piecewise coefficients c_b(n) is the optimizer's
-step count (``asymptotic=True`` uses the n -> infinity form of 001 Eq. 3). Pure: works on detached copies through
+step count (``asymptotic=True`` uses the n -> infinity form of Cattaneo et al. 2024, Eq. 3). Pure: works on detached copies through
 the curvature layer and never touches parameters, optimizer state or RNG streams.
 """
 

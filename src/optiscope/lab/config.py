@@ -25,7 +25,7 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 @dataclass(frozen=True)
 class CompareConfig(Config):
-    """Optimizers from one initial model on one zoo problem, with probes (seed 000 §4 method)."""
+    """Optimizers from one initial model on one zoo problem, with probes (Jiang et al. 2023, §4 method)."""
 
     model: str = "mlp:depth=3,width=64"
     data: str = "digits"

@@ -1,10 +1,10 @@
-"""Init health check: gradients and curvature at random initialization vs depth and width (seed 002 §4, Thm. 9-10).
+"""Init health check: gradients and curvature at random initialization vs depth and width (Orvieto et al. 2022, §4, Thm. 9-10).
 
 For a model factory ``factory(depth, width, seed) -> nn.Module`` (already initialized; e.g. an MLP with He-uniform
 init), a data function and ``n_seeds`` seeds, :func:`init_check` measures at initialization, per (depth, width,
 seed), with :class:`optiscope.curvature.Hessian`:
 
-* ``output_norm``: ``sqrt(mean_i ||f(x_i)||^2)`` (forward pass, seed 002 §4 Prop. 8),
+* ``output_norm``: ``sqrt(mean_i ||f(x_i)||^2)`` (forward pass, Orvieto et al. 2022, §4 Prop. 8),
 * ``grad_norm``: ``||grad l||`` (total and per layer),
 * ``hess_diag_norm`` / ``hess_offdiag_norm``: ``sqrt(sum_a ||H_aa||_F^2)`` and ``sqrt(sum_{a != b} ||H_ab||_F^2)``
   (Thm. 10; per layer: ``hess_block_norm`` = ``||H_aa||_F``), and ``hess_gershgorin`` (block Gershgorin bound on
@@ -13,12 +13,12 @@ seed), with :class:`optiscope.curvature.Hessian`:
   small enough, Lanczos otherwise), ``trace`` (exact or Hutch++),
 
 and summarizes them by median, mean and quantiles vs depth and width. Medians, not means, are the honest statistic
-here: the distributions are fat-tailed (seed 002 §3). :meth:`InitCheckResult.vanishing` flags a median that falls
+here: the distributions are fat-tailed (Orvieto et al. 2022, §3). :meth:`InitCheckResult.vanishing` flags a median that falls
 exponentially in depth (a log-linear fit with a significantly negative slope and a large total drop), and
 :meth:`InitCheckResult.vanishing_depth` gives the depth at which a median falls below a fraction of its value at a
 reference depth (log-linear interpolation between measured depths; ``None`` if not reached).
 
-The default data (seed 002 App. A.1, Fig. 1/4/13): ``n`` inputs ``x ~ N(0, I_d)`` with ``d`` = the width, targets from
+The default data (Orvieto et al. 2022, App. A.1, Fig. 1/4/13): ``n`` inputs ``x ~ N(0, I_d)`` with ``d`` = the width, targets from
 a random one-hidden-layer ReLU teacher of that width, square loss.
 """
 
@@ -98,7 +98,7 @@ def limit_threads(n: int = 1):
 
 
 def teacher_batch(n: int, width: int, seed: int, out_dim: int = 1, dtype: torch.dtype = torch.float64) -> Batch:
-    """Seed 002 App. A.1 data: ``x ~ N(0, I_d)`` with ``d = width``; ``y = V relu(U x)`` from a random
+    """Orvieto et al. 2022, App. A.1 data: ``x ~ N(0, I_d)`` with ``d = width``; ``y = V relu(U x)`` from a random
     one-hidden-layer teacher of width ``width`` (``U, V`` with i.i.d. ``N(0, 1/fan_in)`` entries)."""
     if n < 1 or width < 1 or out_dim < 1:
         raise ValueError(f"teacher_batch needs n, width, out_dim >= 1, got {n}, {width}, {out_dim}")
@@ -110,7 +110,7 @@ def teacher_batch(n: int, width: int, seed: int, out_dim: int = 1, dtype: torch.
     return X.to(dtype), Y.to(dtype)
 
 
-#: ``(1/2) mean_i ||f(x_i) - y_i||^2``, the square loss of seed 002 Eq. (1) averaged over samples (the zoo's loss).
+#: ``(1/2) mean_i ||f(x_i) - y_i||^2``, the square loss of Orvieto et al. 2022, Eq. (1) averaged over samples (the zoo's loss).
 half_mse = HalfMSELoss()
 
 
@@ -123,7 +123,7 @@ def model_factory(spec: str, init: str | None = None, input_dim: int | None = No
 
     ``depth`` and the width argument (``width`` for ``mlp``/``deep_linear``, ``channels`` for ``fcn``; the
     ``neural_chain`` has none) are set per call, ``init`` (e.g. ``"he_uniform"``) and ``seed`` too. For ``mlp`` and
-    ``deep_linear`` ``input_dim`` defaults to the width (seed 002 App. A.1: ``d = m``) and ``output_dim`` to 1.
+    ``deep_linear`` ``input_dim`` defaults to the width (Orvieto et al. 2022, App. A.1: ``d = m``) and ``output_dim`` to 1.
     """
     from optiscope.utils.spec import parse_spec
     from optiscope.zoo.models import MODELS, build_model
@@ -257,7 +257,7 @@ class InitCheckResult:
     def vanishing(self, quantity: str = "grad_norm") -> pd.DataFrame:
         """Per width: log10-linear fit of the median vs depth (slope per layer, p-value), the drop ratio
         ``median(deepest) / median(shallowest)`` and ``vanishing`` = slope < 0 with p < 0.05 and ratio below
-        ``config.vanish_ratio`` (seed 002: medians that fall exponentially in depth)."""
+        ``config.vanish_ratio`` (Orvieto et al. 2022: medians that fall exponentially in depth)."""
         rows = []
         for w in sorted(self.records["width"].unique()):
             med = self.medians(quantity, int(w)).abs()

@@ -1,8 +1,8 @@
-"""``Problem``: a model, a loss and its data (DESIGN.md "Core contracts: Problem").
+"""``Problem``: a model, a loss and its data (docs/architecture.md).
 
 A problem is what every Run, comparison and probe works on: ``model`` (an ``nn.Module``), ``loss_fn(outputs,
 targets) -> scalar mean loss``, the training set ``train = (X, y)``, an optional held-out ``eval = (X, y)`` and the
-fixed large ``probe_batch`` on which curvature probes evaluate the Hessian (seed 000 §4: "When computing Hessian, we
+fixed large ``probe_batch`` on which curvature probes evaluate the Hessian (Jiang et al. 2023, §4: "When computing Hessian, we
 also used large batch sizes").  A *layer* is a named group of parameters; by default one parameter tensor.
 """
 

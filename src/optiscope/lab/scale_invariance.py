@@ -1,7 +1,7 @@
-"""Scale-invariance diagnostics for a model's parameter groups (seed 003, "Exponential Learning Rates", Lemma 1).
+"""Scale-invariance diagnostics for a model's parameter groups (Li & Arora 2020, "Exponential Learning Rates", Lemma 1).
 
 A loss is scale-invariant in a parameter group ``theta_g`` if ``L(.., c theta_g, ..) = L(.., theta_g, ..)`` for all
-``c > 0`` (weights feeding a BatchNorm/LayerNorm/GroupNorm, up to the normalisation's ``eps``). Seed 003 Lemma 1
+``c > 0`` (weights feeding a BatchNorm/LayerNorm/GroupNorm, up to the normalisation's ``eps``). Li & Arora 2020, Lemma 1
 (spec "Paper 3" §3i) then gives, per group::
 
     <grad_g L(theta), theta_g> = 0              and        grad_g L(c theta_g) = grad_g L(theta) / c.
@@ -27,7 +27,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class GroupScaleInvariance:
-    """Measurements for one parameter group (seed 003, Lemma 1).
+    """Measurements for one parameter group (Li & Arora 2020, Lemma 1).
 
     ``loss_rel_change``: ``max_c |L(c theta_g) - L(theta)| / max(|L(theta)|, tiny)`` over the tested scales;
     ``inner_product``: ``<grad_g L, theta_g>``; ``cosine``: it divided by ``||grad_g|| ||theta_g||`` (nan if either is
@@ -87,7 +87,7 @@ class ScaleInvarianceReport:
 
 
 def parameter_groups(model: nn.Module, by: str | Mapping[str, Sequence[str]] = "parameter") -> dict[str, list[str]]:
-    """Named groups of trainable parameters: ``"parameter"`` (one tensor each, DESIGN.md default), ``"module"`` (all
+    """Named groups of trainable parameters: ``"parameter"`` (one tensor each, the default), ``"module"`` (all
     direct parameters of one module), or an explicit mapping ``{group: [param names]}`` (validated)."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if isinstance(by, Mapping):
@@ -123,7 +123,7 @@ def scale_invariance_report(model: nn.Module, loss_fn: Callable[[torch.Tensor, t
                             train_mode: bool | None = None, independence_tol: float = 1e-6,
                             perturbations: int = 0, perturbation_scale: float = 0.1, seed: int = 0
                             ) -> ScaleInvarianceReport:
-    """Measure seed 003 Lemma 1 for every parameter group of ``model`` (see the module docstring).
+    """Measure Li & Arora 2020, Lemma 1 for every parameter group of ``model`` (see the module docstring).
 
     ``data`` is one ``(inputs, targets)`` batch or an iterable of batches (the loss is the exact sample-weighted
     mean). ``train_mode`` (default: the model's current mode) selects batch statistics (True) or running statistics

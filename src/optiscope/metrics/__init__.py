@@ -1,4 +1,4 @@
-"""optiscope.metrics: pure geometry statistics on tensors/arrays (issue 2 §3)."""
+"""optiscope.metrics: pure geometry statistics on tensors/arrays."""
 
 from optiscope.metrics.geometry import (
     DiagonalDominance,

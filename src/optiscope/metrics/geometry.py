@@ -1,7 +1,7 @@
-"""Geometry statistics: pure functions on tensors/arrays (issue 2 §3).
+"""Geometry statistics: pure functions on tensors/arrays.
 
-Definitions follow ``shared/spec/adam_geometry_explr.md`` (Paper 2 = seed 000; Paper 1 = seed 001; Paper 4 =
-seed 003's notes). Open choices are options whose default is stated in each docstring.
+Definitions follow Jiang et al. 2023 (R_med, diagonal domination, R_u) and Cattaneo et al. 2024 (the perturbed
+one-norm). Open choices are options whose default is stated in each docstring.
 """
 
 from __future__ import annotations
@@ -52,11 +52,11 @@ class RMedResult:
 
 
 def r_med(diag: Any, delta: float = 0.0, absolute: bool = False) -> RMedResult:
-    """R_med of one layer's sampled Hessian diagonal (seed 000 §3, Eq. (1); spec "Paper 2" 2f).
+    """R_med of one layer's sampled Hessian diagonal (Jiang et al. 2023, §3, Eq. (1); spec "Paper 2" 2f).
 
     ``R_med = max_{i in I} h_i / (median_{i in I} h_i + delta)`` with ``h_i = [nabla^2 L]_ii`` at the sampled
     coordinates ``I`` (200 per layer in the seed). ``delta`` is the "additional term in the denominator" the seed adds
-    for random-label data (seed 000 §4.2; its value is not recoverable, default 0). Defaults: the signed ``h_i`` are
+    for random-label data (Jiang et al. 2023, §4.2; its value is not recoverable, default 0). Defaults: the signed ``h_i`` are
     used and the number of entries ``<= 0`` is reported (``absolute=True`` uses ``|h_i|``). If the denominator is
     ``<= 0`` the ratio is not a condition-number analogue and ``value`` is ``inf``.
     """
@@ -91,7 +91,7 @@ class DiagonalDominance:
 
 
 def diagonal_dominance(block: Any) -> DiagonalDominance:
-    """Diagonal domination of a sampled principal sub-block ``H[I, I]`` (seed 000 App. E, Eq. (40)).
+    """Diagonal domination of a sampled principal sub-block ``H[I, I]`` (Jiang et al. 2023, App. E, Eq. (40)).
 
     Per coordinate ``r_i = sum_{j in I, j != i} |H_ij| / |H_ii|`` (the seed's statistic decreases during training as
     the Hessian "becomes more diagonal", which fixes this orientation; Eq. (40) itself is not recoverable, spec 2f).
@@ -119,7 +119,7 @@ def diagonal_dominance(block: Any) -> DiagonalDominance:
 
 
 def singular_vector_uniformity(W: Any, side: str = "left") -> float:
-    """R_u = ``max_i u_i^2 / median_i u_i^2`` of the top singular vector ``u`` of ``W`` (seed 000 §6 and App. F).
+    """R_u = ``max_i u_i^2 / median_i u_i^2`` of the top singular vector ``u`` of ``W`` (Jiang et al. 2023, §6 and App. F).
 
     For ``W1 in R^{m x d}`` (hidden units on rows) the hidden-unit side is the left singular vector (default);
     ``side="right"`` uses the right one (e.g. for ``W2 in R^{k x m}``). For an approximately rank-one layer R_u
@@ -141,7 +141,7 @@ def singular_vector_uniformity(W: Any, side: str = "left") -> float:
 
 
 def perturbed_one_norm(g: Any, eps: float) -> float:
-    """``||g||_{1,eps} = sum_i sqrt(g_i^2 + eps)`` (seed 001 §1, "perturbed one-norm"; spec Paper 1, 1b).
+    """``||g||_{1,eps} = sum_i sqrt(g_i^2 + eps)`` (Cattaneo et al. 2024, §1, "perturbed one-norm"; spec Paper 1, 1b).
 
     ``g``: a Tensor, array, or a dict/list of Tensors (concatenated, e.g. all ``param.grad``). ``eps`` is Adam's
     epsilon in the "eps inside the square root" convention.

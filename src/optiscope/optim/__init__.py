@@ -2,7 +2,7 @@
 
 Every optimizer exposes ``diagonal_preconditioner()`` and ``perturbation_eps`` (see :mod:`optiscope.optim.base`);
 ``make_optimizer("adam:lr=1e-3,betas=[0.9,0.999]", params)`` builds one by name (``OPTIMIZERS``).
-``optim.flows`` (seed 001 modified flows) is a separate module.
+``optim.flows`` (Cattaneo et al. 2024 modified flows) is a separate module.
 """
 
 from optiscope.optim.adaptive import Adagrad, Adam, AMSGrad, RMSProp

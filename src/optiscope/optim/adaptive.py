@@ -1,6 +1,6 @@
 """Adaptive optimizers with exact, documented update rules: Adam, RMSProp, Adagrad, AMSGrad.
 
-Notation (seed 001 / spec "Paper 1" §1a): ``g`` gradient at the current iterate (plus coupled L2 weight decay
+Notation (Cattaneo et al. 2024 / spec "Paper 1" §1a): ``g`` gradient at the current iterate (plus coupled L2 weight decay
 ``weight_decay * theta`` when set), ``m`` first-moment EMA, ``v`` second-moment EMA, ``n = 0, 1, 2, ...`` the index
 of the step being taken (so the bias-correction powers are ``n + 1``), all operations componentwise.
 """
@@ -31,15 +31,15 @@ def _grad_with_decay(p: torch.Tensor, weight_decay: float) -> torch.Tensor:
 
 
 class Adam(ExactOptimizer):
-    r"""Adam exactly as seed 001 Def. 1.1 (eps inside the square root) or PyTorch's convention (eps outside).
+    r"""Adam exactly as Cattaneo et al. 2024, Def. 1.1 (eps inside the square root) or PyTorch's convention (eps outside).
 
     With ``b1(n) = 1 - beta1^(n+1)`` and ``b2(n) = 1 - beta2^(n+1)`` (both 1 when ``bias_correction=False``),
     ``m^(0) = v^(0) = 0`` and ``n = 0, 1, 2, ...``::
 
-        g       = grad E_n(theta^(n)) [+ weight_decay * theta^(n)]        (coupled L2, seed 000 App. A.7)
+        g       = grad E_n(theta^(n)) [+ weight_decay * theta^(n)]        (coupled L2, Jiang et al. 2023, App. A.7)
         m^(n+1) = beta1 m^(n) + (1 - beta1) g
         v^(n+1) = beta2 v^(n) + (1 - beta2) g^2
-        P       = sqrt( v^(n+1) / b2(n) + eps )          eps_inside_sqrt=True  (seed 001 Def. 1.1, default)
+        P       = sqrt( v^(n+1) / b2(n) + eps )          eps_inside_sqrt=True  (Cattaneo et al. 2024, Def. 1.1, default)
         P       = sqrt( v^(n+1) / b2(n) ) + eps          eps_inside_sqrt=False (torch.optim.Adam)
         theta^(n+1) = theta^(n) - lr * ( m^(n+1) / b1(n) ) / P
 
@@ -48,7 +48,7 @@ class Adam(ExactOptimizer):
     ``m_hat = m / b1``); ``perturbation_eps`` is ``eps``.
 
     Defaults ``lr=1e-3, betas=(0.9, 0.999), eps=1e-8``. Note that with ``eps`` inside the root its scale is
-    ``sqrt(eps)`` (1e-4 for 1e-8), as in seed 001.
+    ``sqrt(eps)`` (1e-4 for 1e-8), as in Cattaneo et al. 2024.
     """
 
     _has_eps = True
@@ -129,7 +129,7 @@ class Adam(ExactOptimizer):
 
 
 class AMSGrad(Adam):
-    r"""AMSGrad (Reddi et al. 2018) as seed 000 App. A.2 uses it (PyTorch's ``Adam(amsgrad=True)`` by default).
+    r"""AMSGrad (Reddi et al. 2018) as Jiang et al. 2023, App. A.2 uses it (PyTorch's ``Adam(amsgrad=True)`` by default).
 
     Adam's moments ``m, v`` (class :class:`Adam`) plus the running maximum ``v_max^(n+1) = max(v_max^(n), v^(n+1))``
     (``v_max^(0) = 0``), which replaces ``v`` in the denominator::
@@ -138,7 +138,7 @@ class AMSGrad(Adam):
         P = sqrt( v_max^(n+1) / b2(n) + eps )             eps_inside_sqrt=True
         theta^(n+1) = theta^(n) - lr * ( m^(n+1) / b1(n) ) / P
 
-    ``bias_correction=False`` gives the original Reddi et al. rule (``b1 = b2 = 1``). Seed 000 does not print the
+    ``bias_correction=False`` gives the original Reddi et al. rule (``b1 = b2 = 1``). Jiang et al. 2023 does not print the
     rule; the default is the PyTorch implementation its experiments ran. Defaults ``lr=1e-3, betas=(0.9, 0.999),
     eps=1e-8``.
     """
@@ -161,17 +161,17 @@ class AMSGrad(Adam):
 
 
 class RMSProp(ExactOptimizer):
-    r"""RMSProp in the form of seeds 001 / 002 (no bias correction), eps inside the square root by default.
+    r"""RMSProp in the form of Cattaneo et al. 2024 / Orvieto et al. 2022 (no bias correction), eps inside the square root by default.
 
     ``v^(0) = 0``; for ``n = 0, 1, ...``::
 
         g       = grad E_n(theta^(n)) [+ weight_decay * theta^(n)]
         v^(n+1) = beta v^(n) + (1 - beta) g^2
-        P       = sqrt( v^(n+1) + eps )        eps_inside_sqrt=True  (seed 001 §2 form, default)
+        P       = sqrt( v^(n+1) + eps )        eps_inside_sqrt=True  (Cattaneo et al. 2024, §2 form, default)
         P       = sqrt( v^(n+1) ) + eps        eps_inside_sqrt=False (torch.optim.RMSprop)
         theta^(n+1) = theta^(n) - lr * g / P                               (momentum = 0)
 
-    With ``momentum = mu != 0`` (PyTorch's RMSprop momentum, used with 0.9 in seed 000 App. A.2):
+    With ``momentum = mu != 0`` (PyTorch's RMSprop momentum, used with 0.9 in Jiang et al. 2023, App. A.2):
     ``b^(n+1) = mu b^(n) + g / P`` (``b^(0) = 0``), ``theta^(n+1) = theta^(n) - lr * b^(n+1)``.
     ``diagonal_preconditioner()`` returns ``P``; ``perturbation_eps`` is ``eps``. Defaults ``lr=1e-3, beta=0.99,
     eps=1e-8``.
@@ -227,7 +227,7 @@ class RMSProp(ExactOptimizer):
 
 
 class Adagrad(ExactOptimizer):
-    r"""Adagrad (Duchi et al. 2011, diagonal version) as seed 000 App. A.1 uses it (``torch.optim.Adagrad``).
+    r"""Adagrad (Duchi et al. 2011, diagonal version) as Jiang et al. 2023, App. A.1 uses it (``torch.optim.Adagrad``).
 
     ``s^(0) = initial_accumulator_value``; for ``n = 0, 1, ...``::
 
@@ -239,7 +239,7 @@ class Adagrad(ExactOptimizer):
         theta^(n+1) = theta^(n) - lr_n * g / P
 
     ``diagonal_preconditioner()`` returns ``P``; ``perturbation_eps`` is ``eps``. Defaults ``lr=1e-2, eps=1e-10``
-    (torch's defaults; seed 000 does not print them).
+    (torch's defaults; Jiang et al. 2023 does not print them).
     """
 
     _has_eps = True

@@ -6,12 +6,12 @@ and the seed section it comes from. On top of ``step`` each one exposes
 * ``diagonal_preconditioner() -> list[Tensor | None]`` aligned with ``[p for g in param_groups for p in g["params"]]``:
   the current per-coordinate denominator ``P`` of an adaptive method (its update is ``lr * m / P`` with ``m`` the
   (bias-corrected) first moment or the gradient), ``None`` for a non-adaptive method;
-* ``perturbation_eps``: the ``eps`` of the perturbed one-norm ``||v||_{1,eps} = sum_i sqrt(v_i^2 + eps)`` (seed 001
+* ``perturbation_eps``: the ``eps`` of the perturbed one-norm ``||v||_{1,eps} = sum_i sqrt(v_i^2 + eps)`` (Cattaneo et al. 2024
   §3, spec "Paper 1" 1b) that the method implicitly regularises, i.e. the optimizer's own ``eps``; ``None`` for
   methods without one.
 
 Non-finite gradients are not an error here: the update is applied as the rule says (the parameters become
-non-finite) and the training loop reports "diverged at step t" (DESIGN.md "Conventions").
+non-finite) and the training loop reports "diverged at step t" (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def check_eps(eps: Any) -> float:
 
 
 def check_momentum(momentum: Any) -> float:
-    """Momentum must lie in the open interval (-1, 1) (negative momentum: seed 004 §6)."""
+    """Momentum must lie in the open interval (-1, 1) (negative momentum: Velikanov et al. 2023, §6)."""
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (-1.0 < momentum < 1.0):
         raise ValueError(f"invalid momentum={momentum!r}: must lie in (-1, 1)")
     return float(momentum)
@@ -109,7 +109,7 @@ class ExactOptimizer(torch.optim.Optimizer):
 
     @property
     def perturbation_eps(self) -> float | None:
-        """The ``eps`` of the perturbed one-norm ``sum_i sqrt(v_i^2 + eps)`` (seed 001 §3), or ``None``.
+        """The ``eps`` of the perturbed one-norm ``sum_i sqrt(v_i^2 + eps)`` (Cattaneo et al. 2024, §3), or ``None``.
 
         All parameter groups must share one ``eps``; otherwise ``ValueError``.
         """

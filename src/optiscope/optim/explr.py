@@ -1,4 +1,4 @@
-"""``ExpLR``: the exponential learning-rate schedule equivalent to weight decay (seed 003, Li & Arora 2020).
+"""``ExpLR``: the exponential learning-rate schedule equivalent to weight decay (Li & Arora 2020).
 
 The formulas (alpha, the general recurrence, the initial momentum buffer) live in :mod:`optiscope.theory.explr`;
 this module applies them to a momentum-SGD optimizer (:class:`optiscope.optim.SGD` or ``torch.optim.SGD``).
@@ -19,7 +19,7 @@ from optiscope.theory.explr import (equivalent_schedule, explr_alpha, exponentia
 class ExpLR(torch.optim.lr_scheduler.LRScheduler):
     r"""Learning rates ``lr_t`` that make momentum SGD *without* weight decay reproduce a run *with* weight decay.
 
-    Seed 003; spec "Paper 3" §3i. The replaced run is momentum SGD (PyTorch convention) with coupled L2 weight
+    Li & Arora 2020; spec "Paper 3" §3i. The replaced run is momentum SGD (PyTorch convention) with coupled L2 weight
     decay ``weight_decay`` and per-step learning rates ``eta_t = base_lr * multiplier_t`` (``multipliers=None``:
     constant). This scheduler sets, for step ``t = 0, 1, ...`` (the step taken after the ``t``-th
     ``scheduler.step()`` call, counting construction as the 0-th)::
@@ -86,7 +86,7 @@ class ExpLR(torch.optim.lr_scheduler.LRScheduler):
     @classmethod
     def step_decay(cls, optimizer: torch.optim.Optimizer, weight_decay: float, total_steps: int,
                    milestones: Sequence[int] = (), factor: float = 0.1, **kwargs) -> ExpLR:
-        """ExpLR equivalent to step decay ``eta_t = base_lr * factor^{#milestones <= t}`` (seed 003 TEXP)."""
+        """ExpLR equivalent to step decay ``eta_t = base_lr * factor^{#milestones <= t}`` (Li & Arora 2020, TEXP)."""
         return cls(optimizer, weight_decay, multipliers=step_decay_lrs(1.0, total_steps, milestones, factor),
                    **kwargs)
 

@@ -1,7 +1,7 @@
-"""Modified flows of Adam and RMSProp (seed 001, Thm. 3.1 and §2; spec ``adam_geometry_explr.md`` 1b-1c).
+"""Modified flows of Adam and RMSProp (Cattaneo et al. 2024, Thm. 3.1 and §2; spec ``adam_geometry_explr.md`` 1b-1c).
 
 Adam's iterates theta^(n) stay O(h) close to the *first-order flow* and O(h^2) close to the *second-order modified
-flow*, both piecewise ODEs whose right-hand side changes at t = nh (001 Thm. 3.1, App. E; [DER+NUM] in the spec):
+flow*, both piecewise ODEs whose right-hand side changes at t = nh (Cattaneo et al. 2024, Thm. 3.1, App. E; [DER+NUM] in the spec):
 
     first order:   dtheta/dt = -P^(n)(theta)
     second order:  dtheta/dt = -P^(n)(theta) - h [ Q^(n)(theta) + 1/2 (grad P^(n)) P^(n) (theta) ]     t in [nh, (n+1)h]
@@ -21,7 +21,7 @@ term a Hessian-vector product with one vector per distinct batch. In the full-ba
 the full-batch path uses that closed form (one gradient and one HVP per evaluation).
 
 Integrators: ``"rk4"`` (classical Runge-Kutta with ``substeps`` steps per interval [nh, (n+1)h], the default) and
-``"discrete"``, the memoryless iteration theta <- theta - h P - h^2 Q (001 §5 footnote, Eq. 11/63; the spec marks the
+``"discrete"``, the memoryless iteration theta <- theta - h P - h^2 Q (Cattaneo et al. 2024, §5 footnote, Eq. 11/63; the spec marks the
 exact form of Eq. 63 [UNKNOWN], so it is an option, not the default).
 
 RMSProp is Adam with beta1 = 0 and no bias correction (:meth:`AdamHyper.rmsprop`).
@@ -68,7 +68,7 @@ class NotTwiceDifferentiableError(ValueError):
 
 @dataclass(frozen=True)
 class AdamHyper:
-    """Adam hyperparameters in the seed's notation: h (lr), beta1 (beta), beta2 (rho), eps (001 Def. 1.1)."""
+    """Adam hyperparameters in the seed's notation: h (lr), beta1 (beta), beta2 (rho), eps (Cattaneo et al. 2024, Def. 1.1)."""
 
     h: float
     beta1: float = 0.9
@@ -82,7 +82,7 @@ class AdamHyper:
 
     @classmethod
     def rmsprop(cls, h: float, beta: float = 0.99, eps: float = 1e-8, eps_inside_sqrt: bool = True) -> AdamHyper:
-        """RMSProp (001 App. B/C) = Adam with beta1 = 0 and no bias correction."""
+        """RMSProp (Cattaneo et al. 2024, App. B/C) = Adam with beta1 = 0 and no bias correction."""
         return cls(h=h, beta1=0.0, beta2=beta, eps=eps, eps_inside_sqrt=eps_inside_sqrt, bias_correction=False)
 
 
@@ -115,7 +115,7 @@ def model_loss(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], da
     parameters (detached copies).
 
     ``data`` is one ``(X, y)`` batch or an iterable of batches; the loss is the exact sample-weighted mean
-    (DESIGN.md "Problem"), evaluated through the curvature layer's pure loss (``torch.func.functional_call``; the
+    (docs/architecture.md), evaluated through the curvature layer's pure loss (``torch.func.functional_call``; the
     model's parameters and BatchNorm running statistics are never touched).
     """
     from optiscope.curvature._problem import LossFunction
@@ -188,7 +188,7 @@ def _check_grad(g: Tensor) -> None:
 
 def full_batch_field(f: LossFn | _Oracle, theta: Tensor, hp: AdamHyper, n: int | None, order: int = 2,
                      exact: bool = True, space: ParamSpace | None = None, discrete: bool = False) -> Tensor:
-    """Right-hand side of the full-batch flow at flat ``theta`` on interval n (001 §2 Eq. 2-3; spec 1b).
+    """Right-hand side of the full-batch flow at flat ``theta`` on interval n (Cattaneo et al. 2024, §2 Eq. 2-3; spec 1b).
 
     order 1: -a1 g / R.  order 2: -(a1/R)(g + kappa (H P)), kappa = theory.adam.correction_coefficient (exact
     piecewise c_b(n) if ``exact``, else asymptotic); ``discrete=True`` drops the 1/2 eps term (memoryless
@@ -214,7 +214,7 @@ def full_batch_field(f: LossFn | _Oracle, theta: Tensor, hp: AdamHyper, n: int |
 
 def _full_batch_direction(g: Tensor, hp: AdamHyper, m: int | None) -> tuple[float, Tensor, Tensor]:
     """``(a1, R, P)`` of the full-batch flow: moment scales ``a_b = 1 - b^(m+1)`` (1 without bias correction),
-    ``R = sqrt(a2 g^2 + eps)`` (eps inside) or ``sqrt(a2)|g| + eps`` (outside) and ``P = a1 g / R`` (001 §1b)."""
+    ``R = sqrt(a2 g^2 + eps)`` (eps inside) or ``sqrt(a2)|g| + eps`` (outside) and ``P = a1 g / R`` (Cattaneo et al. 2024, §1b)."""
     a1 = moment_scale(hp.beta1, m, hp.bias_correction)
     a2 = moment_scale(hp.beta2, m, hp.bias_correction)
     r = torch.sqrt(a2 * g * g + hp.eps) if hp.eps_inside_sqrt else math.sqrt(a2) * g.abs() + hp.eps
@@ -223,7 +223,7 @@ def _full_batch_direction(g: Tensor, hp: AdamHyper, m: int | None) -> tuple[floa
 
 def _full_batch_bias(oracle: _Oracle, hess, g: Tensor, p: Tensor, hp: AdamHyper, m: int | None,
                      include_discretisation: bool = True) -> Tensor:
-    """The correction ``kappa(g) * (H P)`` of 001 Eq. (3): one Hessian-vector product."""
+    """The correction ``kappa(g) * (H P)`` of Cattaneo et al. 2024, Eq. (3): one Hessian-vector product."""
     hp_vec = oracle.hvp(hess, p)
     kappa = torch.as_tensor(
         correction_coefficient(g.detach().cpu().double().numpy(), hp.h, hp.beta1, hp.beta2, hp.eps, m,
@@ -233,12 +233,12 @@ def _full_batch_bias(oracle: _Oracle, hess, g: Tensor, p: Tensor, hp: AdamHyper,
 
 
 def full_batch_correction(f: LossFn, params: Mapping[str, Tensor], hp: AdamHyper, n: int | None = None) -> dict:
-    """The correction term of 001 Eq. (3) at ``params``: bias = kappa * (H P), with the gradient beside it.
+    """The correction term of Cattaneo et al. 2024, Eq. (3) at ``params``: bias = kappa * (H P), with the gradient beside it.
 
     Without bias correction the asymptotic coefficient (n -> infinity) is used whatever ``n``.
     Returns ``{"gradient", "correction", "norm", "relative", "cosine", "velocity_cosine"}``: flat tensors g and
     bias, ||bias||, ||bias||/||g||, cos(bias, g) (> 0: the correction adds to the gradient, i.e. penalises the
-    norm of 001 Eq. 3; < 0: anti-penalises it) and the cosine between the first- and second-order velocities.
+    norm of Cattaneo et al. 2024, Eq. 3; < 0: anti-penalises it) and the cosine between the first- and second-order velocities.
     Raises ``ValueError`` if the gradient is non-finite or the Hessian-vector product is (not twice differentiable).
     """
     space = ParamSpace(params)
@@ -264,7 +264,7 @@ def _space_for(theta: Tensor) -> ParamSpace:
 
 def minibatch_field(oracles: Sequence[_Oracle], schedule: Callable[[int], int], theta: Tensor, hp: AdamHyper,
                     n: int, order: int = 2, history: int | None = None, discrete: bool = False) -> Tensor:
-    """Right-hand side of the mini-batch piecewise ODE on interval n (001 Thm. 3.1; spec 1c [DER+NUM]).
+    """Right-hand side of the mini-batch piecewise ODE on interval n (Cattaneo et al. 2024, Thm. 3.1; spec 1c [DER+NUM]).
 
     ``oracles[b]`` is batch b's loss, ``schedule(k)`` the batch used at iteration k. Sums over k run over
     max(0, n-K) .. n with K = ``history`` (default :func:`optiscope.theory.adam.truncation_horizon`); K >= n is

@@ -1,4 +1,4 @@
-"""Non-adaptive optimizers: SGD (PyTorch momentum convention), HeavyBall (seed 004 eq. (1)), SignGD."""
+"""Non-adaptive optimizers: SGD (PyTorch momentum convention), HeavyBall (Velikanov et al. 2023 eq. (1)), SignGD."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ class SGD(ExactOptimizer):
 
     For ``n = 0, 1, ...`` with momentum ``mu``, dampening ``d`` and learning rate ``lr_n`` of step ``n``::
 
-        g       = grad E_n(theta^(n)) + weight_decay * theta^(n)      (coupled L2; seed 000 App. A.7, seed 003)
+        g       = grad E_n(theta^(n)) + weight_decay * theta^(n)      (coupled L2; Jiang et al. 2023, App. A.7, Li & Arora 2020)
         b^(1)   = g                                                  (first step, if no buffer was set)
         b^(n+1) = mu b^(n) + (1 - d) g                               (later steps, or a pre-set buffer b^(0))
         theta^(n+1) = theta^(n) - lr_n * b^(n+1)                     (nesterov: - lr_n * (g + mu b^(n+1)))
 
     ``mu = 0`` is plain (mini-batch) gradient descent. A pre-set buffer ``state[p]["momentum_buffer"]`` is used as
     ``b^(0)`` (with ``d = 0`` this equals torch's zero-buffer start when it is zero); the exponential-LR equivalence
-    of seed 003 needs one (:func:`optiscope.theory.explr.initial_momentum_buffer`, :class:`optiscope.optim.ExpLR`).
+    of Li & Arora 2020 needs one (:func:`optiscope.theory.explr.initial_momentum_buffer`, :class:`optiscope.optim.ExpLR`).
     Momentum in (-1, 1) is accepted. Non-adaptive: ``diagonal_preconditioner()`` is ``None`` per parameter.
     """
 
@@ -65,7 +65,7 @@ class SGD(ExactOptimizer):
 
 
 class HeavyBall(ExactOptimizer):
-    r"""Heavy-ball momentum in seed 004's parameterization (eq. (1), spec ``sgd_gf_and_vanishing.md``).
+    r"""Heavy-ball momentum in Velikanov et al. 2023's parameterization (eq. (1), spec ``sgd_gf_and_vanishing.md``).
 
     With learning rate ``alpha = lr`` and momentum ``beta = momentum``::
 
@@ -74,7 +74,7 @@ class HeavyBall(ExactOptimizer):
     implemented with the displacement ``delta^(t) = theta^(t) - theta^(t-1)`` (``delta^(0) = 0``):
     ``delta^(t+1) = beta delta^(t) - alpha g``, ``theta^(t+1) = theta^(t) + delta^(t+1)``. The effective learning
     rate is ``alpha_eff = alpha / (1 - beta)`` (:attr:`effective_lr`). Negative momentum ``beta in (-1, 0)`` is
-    allowed (seed 004 §6). For a constant ``lr`` this equals ``torch.optim.SGD(lr, momentum)``; when ``lr`` changes
+    allowed (Velikanov et al. 2023, §6). For a constant ``lr`` this equals ``torch.optim.SGD(lr, momentum)``; when ``lr`` changes
     the two differ (here the old displacement is kept, torch rescales it by the new lr). Optional coupled L2
     ``weight_decay`` adds ``weight_decay * theta`` to ``g``. Non-adaptive: ``diagonal_preconditioner()`` is ``None``.
     """
@@ -89,7 +89,7 @@ class HeavyBall(ExactOptimizer):
 
     @property
     def effective_lr(self) -> float:
-        """``alpha / (1 - beta)`` of the first parameter group (seed 004 §2; :func:`theory.sgd.effective_learning_rate`)."""
+        """``alpha / (1 - beta)`` of the first parameter group (Velikanov et al. 2023, §2; :func:`theory.sgd.effective_learning_rate`)."""
         from optiscope.theory.sgd import effective_learning_rate
 
         g = self.param_groups[0]
@@ -119,7 +119,7 @@ class SignGD(ExactOptimizer):
     r"""Sign gradient descent: ``theta^(n+1) = theta^(n) - lr * sign(g)`` with ``sign(0) = 0``.
 
     ``g = grad E_n(theta^(n)) [+ weight_decay * theta^(n)]``. This is the ``eps -> 0``, ``beta = rho = 0`` limit of
-    Adam / RMSProp that seed 001 §3 compares with ("sign-descent-like flow"). Non-adaptive in optiscope's sense (no
+    Adam / RMSProp that Cattaneo et al. 2024, §3 compares with ("sign-descent-like flow"). Non-adaptive in optiscope's sense (no
     stored second moment): ``diagonal_preconditioner()`` is ``None`` per parameter and ``perturbation_eps`` is None.
     """
 

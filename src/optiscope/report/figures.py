@@ -58,7 +58,7 @@ def plot_loss(df: pd.DataFrame):
 
 
 def plot_r_med(df: pd.DataFrame):
-    """R_med per layer over time: one panel per layer, one line per run (seed 000 Tables 1-2 as curves)."""
+    """R_med per layer over time: one panel per layer, one line per run (Jiang et al. 2023, Tables 1-2 as curves)."""
     d = df[df["metric"] == "r_med"]
     if d.empty:
         return None
@@ -111,7 +111,7 @@ def plot_sharpness(df: pd.DataFrame, lrs: dict[str, float] | None = None):
 
 
 def plot_one_norm(df: pd.DataFrame):
-    """Perturbed one-norm of the probe-batch gradient, sum_i sqrt(g_i^2 + eps), per run (seed 001)."""
+    """Perturbed one-norm of the probe-batch gradient, sum_i sqrt(g_i^2 + eps), per run (Cattaneo et al. 2024)."""
     if not (df["metric"] == "one_norm").any():
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))

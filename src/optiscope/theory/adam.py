@@ -1,7 +1,7 @@
-"""Correction coefficients of the modified equations of Adam and RMSProp (seed 001).
+"""Correction coefficients of the modified equations of Adam and RMSProp (Cattaneo et al. 2024).
 
-Seed 001 ("On the implicit bias of Adam") shows by backward error analysis that full-batch Adam with step size h
-follows, to O(h^2), the ODE (001 §2, Eq. 2-3; exact piecewise form: spec ``adam_geometry_explr.md`` 1b [DER+NUM])
+Cattaneo et al. 2024 ("On the implicit bias of Adam") shows by backward error analysis that full-batch Adam with step size h
+follows, to O(h^2), the ODE (Cattaneo et al. 2024, §2, Eq. 2-3; exact piecewise form: spec ``adam_geometry_explr.md`` 1b [DER+NUM])
 
     d theta_j / dt = - (a1 / R_j) * ( g_j + kappa_j * [H P]_j ),     g = grad E(theta),  H = hess E(theta),
 
@@ -16,7 +16,7 @@ on t in [nh, (n+1)h], where P = a1 g / R is the leading-order step direction and
 memory coefficient of an exponential moving average (:func:`memory_coefficient`). With bias correction
 ``H P = grad ||grad E||_{1,eps}`` (eps inside) or ``grad Phi_eps(grad E)`` (eps outside, :func:`eps_outside_norm`),
 so the correction is the gradient of a norm of the gradient: it penalises that norm when kappa > 0 and
-anti-penalises it when kappa < 0. RMSProp is the special case beta1 = 0 without bias correction (001 App. B, C).
+anti-penalises it when kappa < 0. RMSProp is the special case beta1 = 0 without bias correction (Cattaneo et al. 2024, App. B, C).
 
 Everything here is numpy (the layer imports neither lab nor zoo); the Hessian-vector products that turn these
 coefficients into a vector field on a model's parameters live in :mod:`optiscope.optim.flows`.
@@ -61,7 +61,7 @@ def check_hyperparameters(h: float | None = None, beta1: float | None = None, be
     """Validate Adam/RMSProp hyperparameters; raise ``ValueError`` naming the bad one.
 
     h > 0; beta1, beta2 in [0, 1); eps > 0 when it sits inside the square root (the modified flow divides by
-    sqrt(g^2 + eps), 001 Remark 1.2) and eps >= 0 outside (eps = 0 outside is allowed but makes the flow
+    sqrt(g^2 + eps), Cattaneo et al. 2024, Remark 1.2) and eps >= 0 outside (eps = 0 outside is allowed but makes the flow
     singular wherever a gradient component vanishes).
     """
     if h is not None:
@@ -87,7 +87,7 @@ def _check_step(n: int | None) -> None:
 
 
 def memory_coefficient(b: float, n: int | None = None) -> float:
-    """Memory coefficient of a bias-corrected EMA with parameter b at iteration n (001 App. I; spec 1b [DER+NUM]).
+    """Memory coefficient of a bias-corrected EMA with parameter b at iteration n (Cattaneo et al. 2024, App. I; spec 1b [DER+NUM]).
 
         c_b(n) = sum_{k=0}^{n} (1-b) b^(n-k) (n-k) / (1 - b^(n+1))
                = b/(1-b) - (n+1) b^(n+1) / (1 - b^(n+1)),
@@ -105,7 +105,7 @@ def memory_coefficient(b: float, n: int | None = None) -> float:
 
 
 def moment_scale(b: float, n: int | None, bias_correction: bool) -> float:
-    """Scale a_b(n) of an EMA of a constant signal (001 Def. 1.1; spec 1c).
+    """Scale a_b(n) of an EMA of a constant signal (Cattaneo et al. 2024, Def. 1.1; spec 1c).
 
     m^(n+1) of a constant x equals a_b(n) x with a_b(n) = 1 - b^(n+1) without bias correction and a_b(n) = 1 with it
     (the correction divides by exactly this factor). ``n=None`` is the asymptotic value 1.
@@ -120,7 +120,7 @@ def moment_scale(b: float, n: int | None, bias_correction: bool) -> float:
 def correction_coefficient(g, h: float, beta1: float, beta2: float, eps: float, n: int | None = None,
                            eps_inside_sqrt: bool = True, bias_correction: bool = True,
                            algorithm: Algorithm = "adam", include_discretisation: bool = True) -> np.ndarray:
-    """Per-coordinate coefficient kappa_j of the O(h) correction term (001 §2 Eq. 3, Thm. 3.1; spec 1b [DER+NUM]).
+    """Per-coordinate coefficient kappa_j of the O(h) correction term (Cattaneo et al. 2024, §2 Eq. 3, Thm. 3.1; spec 1b [DER+NUM]).
 
     The full-batch modified flow is ``dtheta_j/dt = -(a1/R_j) (g_j + kappa_j [H P]_j)`` (module docstring) with
 
@@ -131,9 +131,9 @@ def correction_coefficient(g, h: float, beta1: float, beta2: float, eps: float, 
     ``n=None`` gives the asymptotic form, which for eps inside is the paper's Eq. (3):
     (h/2) { (1+b1)/(1-b1) - (1+b2)/(1-b2) + (1+b2)/(1-b2) eps/(g^2+eps) }.
     The three terms are the memory of m, the memory of v and the Euler discretisation term.
-    ``algorithm="rmsprop"`` is beta1 = 0 without bias correction (001 App. B/C: RMSProp keeps no first moment);
+    ``algorithm="rmsprop"`` is beta1 = 0 without bias correction (Cattaneo et al. 2024, App. B/C: RMSProp keeps no first moment);
     its beta1 argument must then be 0. ``include_discretisation=False`` drops the 1/2 eps term: the coefficient of
-    the memoryless *iteration* theta - h P - h^2 Q (001 §3 Eq. 11), before its conversion to an ODE.
+    the memoryless *iteration* theta - h P - h^2 Q (Cattaneo et al. 2024, §3 Eq. 11), before its conversion to an ODE.
 
     Without bias correction the exact piecewise form has no per-coordinate coefficient for n >= 1: the leading
     step a1(l) g / sqrt(a2(l) g^2 + eps) changes with l, so the backward displacement is not a multiple of P^(n).
@@ -170,7 +170,7 @@ def correction_coefficient(g, h: float, beta1: float, beta2: float, eps: float, 
 
 
 def one_norm_coefficient(h: float, beta1: float, beta2: float) -> float:
-    """Coefficient lambda_1 of ||grad E||_1 in the small-eps modified loss (001 §2 Eq. 4-5, Table 1; spec 1b).
+    """Coefficient lambda_1 of ||grad E||_1 in the small-eps modified loss (Cattaneo et al. 2024, §2 Eq. 4-5, Table 1; spec 1b).
 
     When sqrt(eps) << |g_j| for all j, the flow is sign-descent-like on
     E~ = E + lambda_1 ||grad E||_1 with lambda_1 = (h/2) ( (1+b1)/(1-b1) - (1+b2)/(1-b2) ) = h (b1/(1-b1) - b2/(1-b2)).
@@ -182,7 +182,7 @@ def one_norm_coefficient(h: float, beta1: float, beta2: float) -> float:
 
 
 def two_norm_coefficient(h: float, beta1: float, eps: float, eps_inside_sqrt: bool = True) -> float:
-    """Coefficient lambda_2 of ||grad E||_2^2 in the large-eps modified loss (001 §2 Eq. 6-7, Ex. 2.1; spec 1b).
+    """Coefficient lambda_2 of ||grad E||_2^2 in the large-eps modified loss (Cattaneo et al. 2024, §2 Eq. 6-7, Ex. 2.1; spec 1b).
 
     When sqrt(eps) >> |g_j| (eps inside) the flow is heavy-ball-like, dtheta/dt = -eps^{-1/2} grad E~ with
     E~ = E + lambda_2 ||grad E||^2, lambda_2 = h (1+b1) / (4 sqrt(eps) (1-b1)); with eps outside (eps >> |g_j|)
@@ -194,21 +194,21 @@ def two_norm_coefficient(h: float, beta1: float, eps: float, eps_inside_sqrt: bo
 
 
 def large_eps_effective_lr(h: float, eps: float, eps_inside_sqrt: bool = True) -> float:
-    """Effective step size of the large-eps (heavy-ball-like) regime (001 §2 Eq. 7, Ex. 2.1): h/sqrt(eps) or h/eps."""
+    """Effective step size of the large-eps (heavy-ball-like) regime (Cattaneo et al. 2024, §2 Eq. 7, Ex. 2.1): h/sqrt(eps) or h/eps."""
     check_hyperparameters(h, None, None, eps, True)
     return h / (math.sqrt(eps) if eps_inside_sqrt else eps)
 
 
 def adaptive_edge_of_stability(lr: float, beta1: float) -> float:
     r"""Stability threshold of the preconditioned sharpness for Adam with momentum ``beta1`` (Cohen et al. 2022, cited
-    in seed 001): the top eigenvalue of ``P^{-1/2} H P^{-1/2}`` settles near ``2 (1 + beta1) / ((1 - beta1) lr)``
+    in Cattaneo et al. 2024): the top eigenvalue of ``P^{-1/2} H P^{-1/2}`` settles near ``2 (1 + beta1) / ((1 - beta1) lr)``
     (the heavy-ball stability bound ``2 (1 + beta) / lr`` for an update ``lr (1 - beta) m``)."""
     check_hyperparameters(h=lr, beta1=beta1)
     return 2.0 * (1.0 + beta1) / ((1.0 - beta1) * lr)
 
 
 def one_norm_bias(beta1: float, beta2: float) -> str:
-    """Table 1 of 001 (small-eps column): ``"penalized"`` if b1 > b2, ``"anti-penalized"`` if b1 < b2, else ``"none"``."""
+    """Table 1 of Cattaneo et al. 2024 (small-eps column): ``"penalized"`` if b1 > b2, ``"anti-penalized"`` if b1 < b2, else ``"none"``."""
     check_hyperparameters(beta1=beta1, beta2=beta2)
     if beta1 > beta2:
         return "penalized"
@@ -218,7 +218,7 @@ def one_norm_bias(beta1: float, beta2: float) -> str:
 
 
 def eps_regime(g, eps: float, eps_inside_sqrt: bool = True, margin: float = 10.0) -> str:
-    """Which limit of 001 §2 applies: ``"small"`` if scale(eps) * margin <= |g_j| for every j (Eq. 4-5),
+    """Which limit of Cattaneo et al. 2024, §2 applies: ``"small"`` if scale(eps) * margin <= |g_j| for every j (Eq. 4-5),
     ``"large"`` if |g_j| * margin <= scale(eps) for every j (Eq. 6-7), else ``"intermediate"``;
     scale(eps) = sqrt(eps) inside the square root and eps outside."""
     check_hyperparameters(eps=eps, eps_inside_sqrt=True)
@@ -252,7 +252,7 @@ def truncation_horizon(beta1: float, beta2: float, tol: float = 1e-6) -> int:
     """History length K after which EMA weights fall below ``tol`` (spec 1c hint: K ~ 10/(1-max(b1,b2))).
 
     K = ceil( log(tol) / log(max(b1, b2)) ): terms older than K steps carry weight max(b1,b2)^K <= tol in the
-    mini-batch piecewise ODE (001 Thm. 3.1) and are dropped. The default tol = 1e-6 keeps the truncation error
+    mini-batch piecewise ODE (Cattaneo et al. 2024, Thm. 3.1) and are dropped. The default tol = 1e-6 keeps the truncation error
     below the O(h^2) error for h >= 1e-3 in our checks (1e-4 did not). Returns 0 when both betas are 0 (memoryless).
     """
     check_hyperparameters(beta1=beta1, beta2=beta2)

@@ -1,9 +1,9 @@
-"""End-to-end dynamics of depth-N linear networks (seed 003, "Linear Networks via GD Trajectory"; spec Paper 4).
+"""End-to-end dynamics of depth-N linear networks (Arora et al. 2018, "Linear Networks via GD Trajectory"; spec Paper 4).
 
 A depth-N linear network computes ``x -> W_e x`` with the end-to-end matrix ``W_e = W_N W_{N-1} ... W_1``,
 ``W_j in R^{d_j x d_{j-1}}``, ``W_e in R^{k x d}``. If the factors are *balanced*
 (``W_{j+1}^T W_{j+1} = W_j W_j^T``), gradient flow on the factors moves ``W_e`` by a preconditioned gradient of the
-single-layer loss ``l(W_e)`` (seed 003, Eq. (1); Arora, Cohen & Hazan 2018, Thm. 1 and Claim 1)::
+single-layer loss ``l(W_e)`` (Arora, Cohen & Hazan 2018, Thm. 1 and Claim 1)::
 
     vec(dW_e/dt) = -P_{W_e} vec(grad l(W_e)),
     P_{W_e} = sum_{j=1}^N [W_e^T W_e]^{(N-j)/N} (x) [W_e W_e^T]^{(j-1)/N}.
@@ -123,7 +123,7 @@ def balanced_factors(W_e, depth: int, hidden: int | None = None, rng: np.random.
 def preconditioner_kronecker(W_e, depth: int) -> np.ndarray:
     """Dense ``P_{W_e} = sum_{j=1}^N [W_e^T W_e]^{(N-j)/N} (x) [W_e W_e^T]^{(j-1)/N}`` (kd x kd).
 
-    Seed 003, Eq. (1); spec Paper 4, 4j-1 Claim 1 (column-major vec). PSD; for N = 1 it is the identity.
+    Arora et al. 2018, Eq. (1); spec Paper 4, 4j-1 Claim 1 (column-major vec). PSD; for N = 1 it is the identity.
     """
     N = _check_depth(depth)
     W = _as_matrix(W_e, "W_e")
@@ -140,7 +140,7 @@ def preconditioner_kronecker(W_e, depth: int) -> np.ndarray:
 def apply_preconditioner(W_e, G, depth: int) -> np.ndarray:
     """Matrix-free ``P_{W_e}`` applied to a k x d matrix: ``sum_j [W W^T]^{(j-1)/N} G [W^T W]^{(N-j)/N}``.
 
-    Equals ``unvec(P_{W_e} vec(G))`` (seed 003 Eq. (1); spec 4j-1 Thm. 1, without the step size and decay).
+    Equals ``unvec(P_{W_e} vec(G))`` (Arora et al. 2018, Eq. (1); spec 4j-1 Thm. 1, without the step size and decay).
     """
     N = _check_depth(depth)
     W = _as_matrix(W_e, "W_e")
@@ -214,7 +214,7 @@ def singular_value_velocity(W_e, grad, depth: int) -> np.ndarray:
     """``d sigma_r/dt = -N (sigma_r^2)^{1-1/N} <grad l(W_e), u_r v_r^T>`` (spec 4j-1, ACHL 2019 Thm. 3).
 
     Returned for every r = 1..min(k, d) (in the SVD order, descending sigma). For N = 1 it is
-    ``-<grad, u_r v_r^T>``; for N >= 2 a singular value's speed grows with its size (seed 003: "preconditioners
+    ``-<grad, u_r v_r^T>``; for N >= 2 a singular value's speed grows with its size (Arora et al. 2018: "preconditioners
     promoting movement in directions already taken").
     """
     N = _check_depth(depth)

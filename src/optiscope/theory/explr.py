@@ -1,4 +1,4 @@
-r"""Exponential learning-rate equivalence for scale-invariant losses (seed 003; spec "Paper 3", §3i).
+r"""Exponential learning-rate equivalence for scale-invariant losses (Li & Arora 2020; spec "Paper 3", §3i).
 
 Setting (Li & Arora, ICLR 2020). Momentum SGD in PyTorch's convention with coupled L2 weight decay ``lambda``::
 
@@ -36,7 +36,7 @@ def _check(lr: float, weight_decay: float, momentum: float) -> None:
 
 
 def explr_alpha(lr: float, weight_decay: float, momentum: float) -> float:
-    r"""The per-step scale factor alpha of the exponential-LR equivalence (seed 003; spec Paper 3, §3i theorem).
+    r"""The per-step scale factor alpha of the exponential-LR equivalence (Li & Arora 2020; spec Paper 3, §3i theorem).
 
     ``alpha`` is the larger root of ``x^2 - (1 + gamma - lambda eta) x + gamma = 0``::
 
@@ -62,7 +62,7 @@ def explr_alpha(lr: float, weight_decay: float, momentum: float) -> float:
 
 
 def exponential_lr(lr: float, weight_decay: float, momentum: float, t: Any) -> Any:
-    r"""The equivalent exponential schedule ``lr_t = eta * alpha^(-2t-1)`` (seed 003; spec Paper 3, §3i).
+    r"""The equivalent exponential schedule ``lr_t = eta * alpha^(-2t-1)`` (Li & Arora 2020; spec Paper 3, §3i).
 
     ``t`` is the step index (int or array, ``t = 0`` is the first update). Valid with the initial buffer of
     :func:`initial_momentum_buffer`. Returns a float for scalar ``t``, else a numpy array.
@@ -76,7 +76,7 @@ def exponential_lr(lr: float, weight_decay: float, momentum: float, t: Any) -> A
 def initial_momentum_buffer(theta0: Any, lr: float, weight_decay: float, momentum: float) -> Any:
     r"""Momentum buffer ``w_0`` with which the exp run reproduces a WD run started from a zero buffer.
 
-    Seed 003; spec Paper 3, §3i ("initial condition for exactness"): ``phi_0 = theta_0`` and
+    Li & Arora 2020; spec Paper 3, §3i ("initial condition for exactness"): ``phi_0 = theta_0`` and
     ``phi_{-1} = alpha theta_{-1}`` with ``theta_{-1} = theta_0``, i.e. ::
 
         w_0 = -(1 - alpha) theta_0 / (eta alpha)
@@ -111,7 +111,7 @@ def equivalent_schedule(lrs: Sequence[float] | np.ndarray, weight_decay: float, 
                         start: Literal["exponential", "zero_buffer"] = "exponential") -> EquivalentSchedule:
     r"""Learning rates of the no-WD run equivalent to a WD run with any per-step schedule ``eta_t``.
 
-    Seed 003 (TEXP); spec Paper 3, §3i "General schedule" recurrence. With ``r_t = eta_t / eta_{t-1}``
+    Li & Arora 2020 (TEXP); spec Paper 3, §3i "General schedule" recurrence. With ``r_t = eta_t / eta_{t-1}``
     (``r_0 = 1``)::
 
         a_0 = 1,   a_{t+1} = (1 + gamma r_t - eta_t lambda) a_t - gamma r_t a_{t-1},   lr_t = eta_t / (a_t a_{t+1})
@@ -155,7 +155,7 @@ def equivalent_schedule(lrs: Sequence[float] | np.ndarray, weight_decay: float, 
 def step_decay_lrs(lr: float, steps: int, milestones: Sequence[int] = (), factor: float = 0.1) -> np.ndarray:
     r"""Per-step learning rates of a step-decay schedule: ``eta_t = lr * factor^{#{m in milestones : m <= t}}``.
 
-    The standard schedule that seed 003's TEXP replaces (e.g. ``lr=0.1``, ``milestones=(150,)``, ``factor=0.1``).
+    The standard schedule that Li & Arora 2020's TEXP replaces (e.g. ``lr=0.1``, ``milestones=(150,)``, ``factor=0.1``).
     """
     if not (isinstance(steps, int) and steps > 0):
         raise ValueError(f"invalid steps={steps!r}: must be a positive integer")

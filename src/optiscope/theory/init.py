@@ -1,19 +1,19 @@
-"""Analytic predictions at random initialization (seed 002: vanishing gradients and curvature).
+"""Analytic predictions at random initialization (Orvieto et al. 2022: vanishing gradients and curvature).
 
 Three groups of results, each quantity in one function whose docstring gives the math and the seed section:
 
-* **Neural chain** (width-1 deep linear net ``f = x * prod_{l=1}^L w_l``, seed 002 §3): the exact law of
+* **Neural chain** (width-1 deep linear net ``f = x * prod_{l=1}^L w_l``, Orvieto et al. 2022, §3): the exact law of
   ``log|prod w|`` (a Gamma sum for uniform weights, a sum of log-|normal| variables for Gaussian weights, inverted
   numerically through its characteristic function), hence exact medians of the forward output, of a gradient entry
   ``df/dw_i`` (``L-1`` factors), of an off-diagonal Hessian entry ``d2f/dw_i dw_j`` (``L-2`` factors) and of the
   loss-Hessian diagonal ``(df/dw_i)^2``; population moments ``E|f|^p`` and the moment trade-off (Prop. 3: no scale
   stabilizes two moments at once); the gradient-flow escape time of Prop. 7 (upper-bounding ODE, its blow-up time,
   and the exact time of the symmetric flow by quadrature) and the RMSprop-flow bound.
-* **MLP moment recursions** (seed 002 §4, Prop. 8 / Eq. (6), App. B.2 Eq. (41)): exact first and second moments of
+* **MLP moment recursions** (Orvieto et al. 2022, §4, Prop. 8 / Eq. (6), App. B.2 Eq. (41)): exact first and second moments of
   ``||x_l||^2`` through i.i.d. symmetric layers (linear or ReLU), for any width sequence, variance and fourth moment
   (the 2x2 recursion coupling ``E||x||^4`` and ``E sum_j x_j^4``), the Gaussian closed forms ``(1+2/m)^L`` and
   ``(1+5/m)^L``, Mallows' median bound (Thm. 9) and the width needed for a non-vanishing median.
-* **Init schemes** (seed 002 §2): LeCun / Xavier / He variances and uniform ranges, the per-layer gain
+* **Init schemes** (Orvieto et al. 2022, §2): LeCun / Xavier / He variances and uniform ranges, the per-layer gain
   ``c m sigma^2`` and the Thm. 10 scaling exponents of gradient and Hessian-block norms.
 
 Conventions (documented readings where the spec marks details [OPEN]): the chain input/target default to
@@ -83,11 +83,11 @@ def _check_depth(name: str, value: int, minimum: int = 0) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Neural chain: population moments (002 §3, Eq. (2), Prop. 3)
+# Neural chain: population moments (Orvieto et al. 2022, §3, Eq. (2), Prop. 3)
 # ---------------------------------------------------------------------------------------------------------------
 
 def weight_abs_moment(p: float, dist: Distribution = "uniform", scale: float = math.sqrt(3.0)) -> float:
-    """``E|w|^p`` of one weight (002 §3, Eq. (2)).
+    """``E|w|^p`` of one weight (Orvieto et al. 2022, §3, Eq. (2)).
 
     Uniform ``w ~ U[-a, a]`` (``scale = a``): ``E|w|^p = a^p / (p + 1)``.
     Gaussian ``w ~ N(0, s^2)`` (``scale = s``): ``E|w|^p = s^p 2^{p/2} Gamma((p+1)/2) / sqrt(pi)``.
@@ -103,7 +103,7 @@ def weight_abs_moment(p: float, dist: Distribution = "uniform", scale: float = m
 
 def chain_abs_moment(p: float, depth: int, dist: Distribution = "uniform", scale: float = math.sqrt(3.0),
                      x: float = 1.0) -> float:
-    """``E|f|^p`` of the chain output ``f = x prod_{l=1}^L w_l`` (002 §3, Eq. (2)): ``|x|^p (E|w|^p)^L``.
+    """``E|f|^p`` of the chain output ``f = x prod_{l=1}^L w_l`` (Orvieto et al. 2022, §3, Eq. (2)): ``|x|^p (E|w|^p)^L``.
 
     With ``a = sqrt(3)`` (uniform) ``E f^2 = x^2`` for every depth while ``E|f| = |x| (sqrt(3)/2)^L`` vanishes and
     ``E f^4 = x^4 (9/5)^L`` explodes.
@@ -113,7 +113,7 @@ def chain_abs_moment(p: float, depth: int, dist: Distribution = "uniform", scale
 
 
 def moment_stabilizing_scale(p: float, dist: Distribution = "uniform") -> float:
-    """The scale that keeps ``E|f|^p`` constant in depth, i.e. solves ``E|w|^p = 1`` (002 §3, Prop. 2-3).
+    """The scale that keeps ``E|f|^p`` constant in depth, i.e. solves ``E|w|^p = 1`` (Orvieto et al. 2022, §3, Prop. 2-3).
 
     Uniform: ``a = (p + 1)^{1/p}`` (``p = 2``: ``sqrt(3)``, the "optimal" Xavier/He analogue; ``p = 1``: ``2``).
     Gaussian: ``s = (sqrt(pi) / (2^{p/2} Gamma((p+1)/2)))^{1/p}`` (``p = 2``: ``1``).
@@ -127,7 +127,7 @@ def moment_stabilizing_scale(p: float, dist: Distribution = "uniform") -> float:
 
 
 def moment_trade_off(p: float, q: float, dist: Distribution = "uniform") -> float:
-    """Per-layer growth factor of ``E|f|^q`` when the scale stabilizes ``E|f|^p`` (002 §3, Prop. 3).
+    """Per-layer growth factor of ``E|f|^q`` when the scale stabilizes ``E|f|^p`` (Orvieto et al. 2022, §3, Prop. 3).
 
     Returns ``E|w_s|^q`` with ``s = moment_stabilizing_scale(p)``; ``E|f|^q`` then scales as this factor to the
     power ``L``. By Lyapunov's inequality ``(E|w|^q)^{1/q}`` increases strictly in ``q`` for a non-degenerate
@@ -138,11 +138,11 @@ def moment_trade_off(p: float, q: float, dist: Distribution = "uniform") -> floa
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Neural chain: exact law of log|prod w| and medians (002 §3, Thm. 6 and the log-Gamma lemma before it)
+# Neural chain: exact law of log|prod w| and medians (Orvieto et al. 2022, §3, Thm. 6 and the log-Gamma lemma before it)
 # ---------------------------------------------------------------------------------------------------------------
 
 def log_abs_weight_mean_var(dist: Distribution = "uniform", scale: float = math.sqrt(3.0)) -> tuple[float, float]:
-    """Mean and variance of ``log|w|`` (002 §3, distribution lemma).
+    """Mean and variance of ``log|w|`` (Orvieto et al. 2022, §3, distribution lemma).
 
     Uniform ``U[-a, a]``: ``-log(|w|/a) ~ Exp(1)``, so mean ``log a - 1`` and variance ``1``.
     Gaussian ``N(0, s^2)``: mean ``log s - (gamma_E + log 2)/2``, variance ``pi^2/8``.
@@ -161,7 +161,7 @@ def _log_abs_std_normal_cf(t: np.ndarray) -> np.ndarray:
 
 def chain_log_product_cdf(u: float, n_factors: int, dist: Distribution = "uniform",
                           scale: float = math.sqrt(3.0)) -> float:
-    """``P(log|prod_{i=1}^n w_i| <= u)`` exactly (002 §3, log-distribution lemma behind Thm. 6).
+    """``P(log|prod_{i=1}^n w_i| <= u)`` exactly (Orvieto et al. 2022, §3, log-distribution lemma behind Thm. 6).
 
     Uniform: ``log|prod w| = n log a - G_n`` with ``G_n ~ Gamma(n, 1)``, so the CDF is the Gamma survival function
     at ``n log a - u``. Gaussian: ``log|prod w| = n log s + sum log|z_i|``; its CDF is obtained by Gil-Pelaez
@@ -187,7 +187,7 @@ def chain_log_product_cdf(u: float, n_factors: int, dist: Distribution = "unifor
 
 
 def chain_product_median(n_factors: int, dist: Distribution = "uniform", scale: float = math.sqrt(3.0)) -> float:
-    """Exact median of ``|prod_{i=1}^n w_i|`` for i.i.d. weights (002 §3, Thm. 6).
+    """Exact median of ``|prod_{i=1}^n w_i|`` for i.i.d. weights (Orvieto et al. 2022, §3, Thm. 6).
 
     Uniform ``U[-a, a]``: ``a^n exp(-m_n)`` with ``m_n`` the median of ``Gamma(n, 1)``
     (Choi 1994: ``n - 1/3 < m_n < n`` and ``m_n = n - 1/3 + 8/(405 n) + O(n^-2)``). Gaussian ``N(0, s^2)``:
@@ -210,7 +210,7 @@ def chain_product_median(n_factors: int, dist: Distribution = "uniform", scale: 
 
 def chain_product_median_approx(n_factors: int, dist: Distribution = "uniform",
                                 scale: float = math.sqrt(3.0)) -> float:
-    """Closed-form approximations of the median of ``|prod_{i=1}^n w_i|`` (002 §3, Cor. after Thm. 6).
+    """Closed-form approximations of the median of ``|prod_{i=1}^n w_i|`` (Orvieto et al. 2022, §3, Cor. after Thm. 6).
 
     Uniform: ``e^{1/3} (a/e)^n`` (from Choi's expansion of the Gamma median; log-error about ``8/(405 n)``).
     Gaussian: the CLT value ``exp(n E log|w|) = (s e^{-(gamma_E + log 2)/2})^n``, which ignores the skew of
@@ -236,7 +236,7 @@ class ChainMedians:
 
 def chain_medians(depth: int, dist: Distribution = "uniform", scale: float = math.sqrt(3.0),
                   x: float = 1.0) -> ChainMedians:
-    """Exact medians of the chain's first and second derivatives (002 §3, Thm. 6).
+    """Exact medians of the chain's first and second derivatives (Orvieto et al. 2022, §3, Thm. 6).
 
     ``|f| = |x| prod_{l<=L} |w_l|`` (``L`` factors); ``|df/dw_i| = |x| prod_{j != i} |w_j|`` (``L - 1``);
     ``|d2f/dw_i dw_j| = |x| prod_{k != i,j} |w_k|`` (``L - 2``, ``i != j``, defined for ``L >= 2``, else NaN);
@@ -256,7 +256,7 @@ def chain_medians(depth: int, dist: Distribution = "uniform", scale: float = mat
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Neural chain: escape from the plateau (002 §3, Prop. 7, Eq. (3); App. C.2, Eq. (89))
+# Neural chain: escape from the plateau (Orvieto et al. 2022, §3, Prop. 7, Eq. (3); App. C.2, Eq. (89))
 # ---------------------------------------------------------------------------------------------------------------
 
 def _check_escape_args(depth: int, w0: float, x: float, y: float) -> None:
@@ -269,7 +269,7 @@ def _check_escape_args(depth: int, w0: float, x: float, y: float) -> None:
 
 
 def chain_gf_upper_bound(t: float | np.ndarray, depth: int, w0: float, x: float = 1.0, y: float = 1.0):
-    """Upper bound on the symmetric gradient-flow weight ``w(t)`` (002 §3, Prop. 7, Eq. (3)).
+    """Upper bound on the symmetric gradient-flow weight ``w(t)`` (Orvieto et al. 2022, §3, Prop. 7, Eq. (3)).
 
     On ``l = (1/2)(y - x w^L)^2`` with all weights equal to ``w``, the flow is ``w' = x w^{L-1}(y - x w^L)``;
     dropping the negative term gives ``w' <= x y w^{L-1}``, solved by
@@ -289,7 +289,7 @@ def chain_gf_upper_bound(t: float | np.ndarray, depth: int, w0: float, x: float 
 
 
 def chain_gf_blowup_time(depth: int, w0: float, x: float = 1.0, y: float = 1.0) -> float:
-    """Blow-up time of the upper-bounding ODE (002 §3, Prop. 7): ``t* = w0^{-(L-2)} / ((L-2) x y)`` (``L > 2``).
+    """Blow-up time of the upper-bounding ODE (Orvieto et al. 2022, §3, Prop. 7): ``t* = w0^{-(L-2)} / ((L-2) x y)`` (``L > 2``).
 
     Exponential in depth for ``w0 < 1`` (e.g. ``w0 = 1/2``, ``x = y = 1``: ``2^{L-2}/(L-2)``); ``inf`` for ``L = 2``.
     """
@@ -314,7 +314,7 @@ def chain_escape_target(depth: int, w0: float, loss_fraction: float = 0.5, x: fl
 
 def chain_gf_escape_time_lower_bound(depth: int, w0: float, loss_fraction: float = 0.5, x: float = 1.0,
                                      y: float = 1.0) -> float:
-    """Lower bound on the gradient-flow escape time from the Eq. (3) upper bound (002 §3, Prop. 7).
+    """Lower bound on the gradient-flow escape time from the Eq. (3) upper bound (Orvieto et al. 2022, §3, Prop. 7).
 
     Time for the bounding solution to reach ``w_q`` (:func:`chain_escape_target`):
     ``(w0^{-(L-2)} - w_q^{-(L-2)}) / ((L-2) x y)`` (``log(w_q/w0)/(x y)`` for ``L = 2``); exponential in ``L``.
@@ -327,7 +327,7 @@ def chain_gf_escape_time_lower_bound(depth: int, w0: float, loss_fraction: float
 
 
 def chain_gf_escape_time(depth: int, w0: float, loss_fraction: float = 0.5, x: float = 1.0, y: float = 1.0) -> float:
-    """Exact time for the symmetric gradient flow to reach ``l = q l(w0)`` (002 §3, Prop. 7; our quadrature).
+    """Exact time for the symmetric gradient flow to reach ``l = q l(w0)`` (Orvieto et al. 2022, §3, Prop. 7; our quadrature).
 
     ``t = int_{w0}^{w_q} dw / (x w^{L-1} (y - x w^L))``. Using
     ``1/(x w^{L-1}(y - x w^L)) = 1/(x y w^{L-1}) + w/(y (y - x w^L))`` the first part is the closed-form
@@ -342,7 +342,7 @@ def chain_gf_escape_time(depth: int, w0: float, loss_fraction: float = 0.5, x: f
 
 def chain_rmsprop_escape_time_bound(depth: int, w0: float, lr: float, loss_fraction: float = 0.5, x: float = 1.0,
                                     y: float = 1.0) -> float:
-    """Depth-independent bound on the RMSprop-flow escape time (002 §3, "Curvature adaptation of RMSprop").
+    """Depth-independent bound on the RMSprop-flow escape time (Orvieto et al. 2022, §3, "Curvature adaptation of RMSprop").
 
     On ``w' = eta g / sqrt(v)`` with ``g = x y w^{L-1}`` increasing and ``v`` a lagging low-pass filter of ``g^2``
     (``v <= g^2``), ``w' >= eta`` and ``w(t) >= w0 + eta t``: the escape target ``w_q`` is reached by
@@ -354,11 +354,11 @@ def chain_rmsprop_escape_time_bound(depth: int, w0: float, lr: float, loss_fract
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Init schemes and MLP moment recursions (002 §2, §4, App. B.2)
+# Init schemes and MLP moment recursions (Orvieto et al. 2022, §2, §4, App. B.2)
 # ---------------------------------------------------------------------------------------------------------------
 
 def init_variance(scheme: Scheme, fan_in: int, fan_out: int | None = None) -> float:
-    """Weight variance of an init scheme (002 §2, Prop. 2 and the schemes it discusses).
+    """Weight variance of an init scheme (Orvieto et al. 2022, §2, Prop. 2 and the schemes it discusses).
 
     LeCun ``1/fan_in``; Xavier/Glorot ``2/(fan_in + fan_out)``; He/Kaiming ``2/fan_in``; PyTorch's ``nn.Linear``
     default (``kaiming_uniform_(a=sqrt(5))`` = ``U[-1/sqrt(fan_in), 1/sqrt(fan_in)]``) ``1/(3 fan_in)``.
@@ -378,20 +378,20 @@ def init_variance(scheme: Scheme, fan_in: int, fan_out: int | None = None) -> fl
 
 
 def uniform_bound(variance: float) -> float:
-    """Half-width ``a`` of ``U[-a, a]`` with the given variance (002 §2): ``variance = a^2 / 3``, ``a = sqrt(3 v)``."""
+    """Half-width ``a`` of ``U[-a, a]`` with the given variance (Orvieto et al. 2022, §2): ``variance = a^2 / 3``, ``a = sqrt(3 v)``."""
     _check_pos("variance", variance)
     return math.sqrt(3.0 * variance)
 
 
 def weight_fourth_moment(variance: float, dist: Distribution) -> float:
-    """``mu_4 = E w^4`` (002 Assumption 1): ``3 sigma^4`` (Gaussian), ``(9/5) sigma^4`` (uniform, ``a^4/5``)."""
+    """``mu_4 = E w^4`` (Orvieto et al. 2022, Assumption 1): ``3 sigma^4`` (Gaussian), ``(9/5) sigma^4`` (uniform, ``a^4/5``)."""
     _check_pos("variance", variance)
     _check_dist(dist)
     return 3.0 * variance ** 2 if dist == "normal" else 1.8 * variance ** 2
 
 
 def layer_gain(variance: float, width: int, activation: Activation) -> float:
-    """Per-layer factor of ``E||x_l||^2`` (002 §2, Prop. 2): ``c m sigma^2``, ``c = 1`` (linear), ``1/2`` (ReLU).
+    """Per-layer factor of ``E||x_l||^2`` (Orvieto et al. 2022, §2, Prop. 2): ``c m sigma^2``, ``c = 1`` (linear), ``1/2`` (ReLU).
 
     ``E||x_L||^2 = (c m sigma^2)^L ||x||^2`` for square layers; ``1`` is "critical" (Xavier linear, He ReLU).
     """
@@ -405,7 +405,7 @@ def layer_gain(variance: float, width: int, activation: Activation) -> float:
 def mlp_norm_moments(widths: Sequence[int], variances: Sequence[float], fourth_moments: Sequence[float],
                      activation: Activation, x: np.ndarray | Sequence[float],
                      activate_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Exact ``E||x_l||^2`` and ``E||x_l||^4`` through an i.i.d.-initialized MLP (002 §4, Prop. 8; App. B.2, Eq. (41)).
+    """Exact ``E||x_l||^2`` and ``E||x_l||^4`` through an i.i.d.-initialized MLP (Orvieto et al. 2022, §4, Prop. 8; App. B.2, Eq. (41)).
 
     Layer ``l`` maps ``x_{l-1}`` (width ``widths[l-1]``) to ``h = W_l x_{l-1}`` (width ``m = widths[l]``) with
     i.i.d. symmetric entries of variance ``s^2 = variances[l-1]`` and fourth moment ``mu = fourth_moments[l-1]``,
@@ -459,7 +459,7 @@ def mlp_norm_moments(widths: Sequence[int], variances: Sequence[float], fourth_m
 
 
 def normalized_second_moment_growth(width: int, depth: int, activation: Activation) -> float:
-    """``E||x_L||^4 / (E||x_L||^2)^2`` for Gaussian weights and constant width (002 §4, Eq. (6)).
+    """``E||x_L||^4 / (E||x_L||^2)^2`` for Gaussian weights and constant width (Orvieto et al. 2022, §4, Eq. (6)).
 
     ``(1 + 2/m)^L`` (linear) or ``(1 + 5/m)^L`` (ReLU, all ``L`` layers activated), independent of the variance:
     at the critical (Xavier / He) variance ``Var(||x_L||^2/||x||^2) = (1 + c/m)^L - 1`` explodes unless ``m``
@@ -474,7 +474,7 @@ def normalized_second_moment_growth(width: int, depth: int, activation: Activati
 
 
 def mallows_median_lower_bound(mean: float, variance: float) -> float:
-    """Mallows-Richter: ``|median - mean| <= std``, so ``median >= mean - sqrt(variance)`` (002 §4, Thm. 9 proof)."""
+    """Mallows-Richter: ``|median - mean| <= std``, so ``median >= mean - sqrt(variance)`` (Orvieto et al. 2022, §4, Thm. 9 proof)."""
     if variance < 0:
         raise ValueError(f"variance = {variance!r} must be >= 0")
     return float(mean - math.sqrt(variance))
@@ -484,7 +484,7 @@ def lognormal_median(m1: float, m2: float) -> float:
     """Median of the log-normal matching ``E Y = m1`` and ``E Y^2 = m2``: ``m1^2 / sqrt(m2)``.
 
     A heuristic for the median of ``||x_L||^2/||x||^2`` from the exact moments of :func:`mlp_norm_moments`
-    (spec 002 §h: ``log ||x_L||^2`` is close to Gaussian for ``L, m`` large); with Eq. (6) at the critical variance
+    (``log ||x_L||^2`` is close to Gaussian for ``L, m`` large); with Eq. (6) at the critical variance
     it gives ``(1 + c/m)^{-L/2}``, i.e. about ``exp(-L/m)`` (linear) and ``exp(-5L/(2m))`` (ReLU).
     """
     _check_pos("m1", m1)
@@ -494,7 +494,7 @@ def lognormal_median(m1: float, m2: float) -> float:
 
 
 def min_width_for_median(depth: int, activation: Activation, level: float = 0.5) -> float:
-    """Smallest constant width for which Mallows guarantees ``median(||x_L||^2/||x||^2) >= level`` (002 §4, Thm. 9).
+    """Smallest constant width for which Mallows guarantees ``median(||x_L||^2/||x||^2) >= level`` (Orvieto et al. 2022, §4, Thm. 9).
 
     At the critical Gaussian variance the mean is ``1`` and the variance ``(1 + c/m)^L - 1`` (Eq. (6)); requiring
     ``1 - sqrt((1 + c/m)^L - 1) >= level`` gives ``m >= c / ((1 + (1 - level)^2)^{1/L} - 1)``, i.e. ``m`` linear in
@@ -510,7 +510,7 @@ def min_width_for_median(depth: int, activation: Activation, level: float = 0.5)
 
 
 def hessian_block_scaling(depth: int, gain: float) -> dict[str, float]:
-    """Thm. 10 scalings (in expectation) of squared norms at init, relative to depth 0 (002 §4, Thm. 10; spec h).
+    """Thm. 10 scalings (in expectation) of squared norms at init, relative to depth 0 (Orvieto et al. 2022, §4, Thm. 10; spec h).
 
     ``E||grad_{W_l} l||^2 ~ gain^{L-1}``, off-diagonal blocks ``E||H_lk||_F^2 ~ gain^{L-2}`` (residual term),
     diagonal blocks ``E||H_ll||_F^2 ~ gain^{2(L-1)}`` (pure Gauss-Newton ``J_l^T J_l``): with a sub-critical gain

@@ -1,6 +1,6 @@
-"""Mini-batch SGD with momentum through generating functions (seed 004).
+"""Mini-batch SGD with momentum through generating functions (Velikanov et al. 2023).
 
-Setting (seed 004 §2, Prop. 6, output-space form). A linear model in output space: kernel ``K`` (N x N) on a
+Setting (Velikanov et al. 2023, §2, Prop. 6, output-space form). A linear model in output space: kernel ``K`` (N x N) on a
 dataset of size N, error ``e_t = f_t - y`` and loss ``L_t = (1/2N) E||e_t||^2``. With ``H_f = K / N`` and its
 eigenpairs ``(lambda_k, u_k)`` the initial error has output-space second moments ``c_k = (u_k . e_0)^2 / N`` so
 that ``L_0 = (1/2) sum_k c_k``. SGD with heavy-ball momentum (seed Eq. 1), batch of size b drawn uniformly
@@ -11,7 +11,7 @@ without replacement, fresh each step::
 (identical to ``torch.optim.SGD(lr=alpha, momentum=beta)``). Effective learning rate ``alpha_eff = alpha/(1-beta)``.
 Noise amplitude ``gamma = (N - b) / (b (N - 1))`` (finite dataset), ``gamma = 1/b`` (infinite dataset).
 
-Spectrally expressible (SE) approximation (seed 004 §3, Eq. 7 and Eq. 65): the noise added to mode k is
+Spectrally expressible (SE) approximation (Velikanov et al. 2023, §3, Eq. 7 and Eq. 65): the noise added to mode k is
 ``gamma alpha^2 lambda_k^2 (tau1 sum_l C_l - tau2 C_k)``. Everything here is a function of a :class:`Spectrum`
 (eigenvalues, coefficients, optional multiplicities) and the hyper-parameters; the recursion runs in torch
 (vectorised over eigenvalues and over a grid of (lr, momentum)), the rest is numpy/scipy.
@@ -142,7 +142,7 @@ class Spectrum:
     @classmethod
     def from_kernel(cls, kernel: Any, targets: Any, initial_outputs: Any = None, normalize: bool = False,
                     name: str = "kernel") -> Spectrum:
-        """Eigendecomposition of ``H_f = K / N`` (seed 004 Prop. 6, Eqs. 47-56, output space): ``lambda_k`` its
+        """Eigendecomposition of ``H_f = K / N`` (Velikanov et al. 2023, Prop. 6, Eqs. 47-56, output space): ``lambda_k`` its
         eigenvalues, ``c_k = sum_o (u_k . e_0[:, o])^2 / N`` with ``e_0 = f_0 - y`` (``f_0 = 0`` by default), so
         ``L_0 = (1/2N) ||e_0||^2 = sum_k c_k / 2``. ``normalize=True`` divides the eigenvalues by the largest (the
         seed's code convention, lr in units of ``1/lambda_max``) and records it in ``scale``.
@@ -172,7 +172,7 @@ class Spectrum:
     @classmethod
     def power_law(cls, nu: float, kappa: float, count: int, scale: float = 1.0, amplitude: float = 1.0
                   ) -> Spectrum:
-        """Synthetic power law (seed 004 §6, Eq. 25): ``lambda_k = Lambda k^-nu`` and exact tail sums
+        """Synthetic power law (Velikanov et al. 2023, §6, Eq. 25): ``lambda_k = Lambda k^-nu`` and exact tail sums
         ``sum_{l>=k} c_l = K k^-kappa`` for the infinite sequence, i.e. ``c_k = K (k^-kappa - (k+1)^-kappa)``,
         k = 1..count (``Lambda`` = ``scale`` in the eigenvalues, ``K`` = ``amplitude``).
         """
@@ -263,7 +263,7 @@ def _initial_error(targets: Any, initial_outputs: Any, n: int) -> np.ndarray:
 
 
 def noise_amplitude(batch_size: int, dataset_size: int | None = None) -> float:
-    """Sampling-noise amplitude gamma (seed 004 Prop. 1, Eq. 5; Prop. 6): ``gamma = (N - b) / (b (N - 1))`` for
+    """Sampling-noise amplitude gamma (Velikanov et al. 2023, Prop. 1, Eq. 5; Prop. 6): ``gamma = (N - b) / (b (N - 1))`` for
     batches drawn without replacement from N points, ``gamma = 1 / b`` for an infinite dataset (``N = None``).
     """
     if int(batch_size) != batch_size or batch_size < 1:
@@ -280,7 +280,7 @@ def noise_amplitude(batch_size: int, dataset_size: int | None = None) -> float:
 
 
 def effective_learning_rate(lr: float, momentum: float) -> float:
-    """``alpha_eff = alpha / (1 - beta)`` (seed 004 §5, before Prop. 4)."""
+    """``alpha_eff = alpha / (1 - beta)`` (Velikanov et al. 2023, §5, before Prop. 4)."""
     if momentum >= 1:
         return math.inf
     return lr / (1.0 - momentum)
@@ -399,7 +399,7 @@ def _se_core_impl(lam, c, m, lr, mom, gamma, tau1, tau2, steps, record, dtype, t
 def se_loss_curve(spectrum: Spectrum, lr: float, momentum: float, batch_size: int, steps: int,
                   dataset_size: int | None = None, tau1: float = 1.0, tau2: float = 1.0, dtype: Any = None,
                   divergence_threshold: float = 1e12) -> LossCurve:
-    """Noise-averaged loss of SGD with momentum under the SE approximation (seed 004 §3-4, Eq. 7, Eqs. 9-11).
+    """Noise-averaged loss of SGD with momentum under the SE approximation (Velikanov et al. 2023, §3-4, Eq. 7, Eqs. 9-11).
 
     Per mode keep ``C_k`` (error second moment), ``J_k`` (error x velocity), ``P_k`` (velocity second moment);
     ``C_k(0) = c_k``, ``J_k(0) = P_k(0) = 0``; with ``a_k = alpha lambda_k``::
@@ -450,7 +450,7 @@ def se_loss_grid(spectrum: Spectrum, lrs: Any, momenta: Any, batch_size: int, st
 
 # ---------------------------------------------------------------------------------- generating functions
 def characteristic_polynomial(x: Any, z: Any, momentum: float, gamma_tau2: float) -> Any:
-    """``S(x, z) = det(I - z A_lambda)`` of the per-eigenvalue 3x3 SE map, x = alpha lambda (seed 004 §4,
+    """``S(x, z) = det(I - z A_lambda)`` of the per-eigenvalue 3x3 SE map, x = alpha lambda (Velikanov et al. 2023, §4,
     Eqs. 17-20, the notebook's denominator)::
 
         S(x, z) = (1 - beta z) ((1 + beta z)^2 - z (1 + beta - x)^2) + gamma tau2 x^2 z (1 + beta z)
@@ -467,7 +467,7 @@ def _modes_z(spectrum: Spectrum, z: Any):
 
 def noise_generating_function(spectrum: Spectrum, z: Any, lr: float, momentum: float, gamma: float,
                               tau1: float = 1.0, tau2: float = 1.0) -> Any:
-    """Noise generating function ``U~(z) = sum_{t>=1} U_t z^t`` (seed 004 §4, Eq. 18)::
+    """Noise generating function ``U~(z) = sum_{t>=1} U_t z^t`` (Velikanov et al. 2023, §4, Eq. 18)::
 
         U~(z) = z gamma tau1 alpha^2 sum_k m_k lambda_k^2 (1 + beta z) / S(alpha lambda_k, z)
 
@@ -482,7 +482,7 @@ def noise_generating_function(spectrum: Spectrum, z: Any, lr: float, momentum: f
 
 def signal_generating_function(spectrum: Spectrum, z: Any, lr: float, momentum: float, gamma: float,
                                tau2: float = 1.0) -> Any:
-    """Signal generating function ``V~(z) = sum_{t>=0} V_t z^t`` (seed 004 §4, Eq. 20)::
+    """Signal generating function ``V~(z) = sum_{t>=0} V_t z^t`` (Velikanov et al. 2023, §4, Eq. 20)::
 
         V~(z) = sum_k c_k (1 - beta (1 + beta) z + 2 alpha beta lambda_k z + beta^3 z^2) / S(alpha lambda_k, z)
     """
@@ -497,7 +497,7 @@ def signal_generating_function(spectrum: Spectrum, z: Any, lr: float, momentum: 
 
 def loss_generating_function(spectrum: Spectrum, z: Any, lr: float, momentum: float, gamma: float,
                              tau1: float = 1.0, tau2: float = 1.0) -> Any:
-    """``L~(z) = sum_t L_t z^t = V~(z) / (2 (1 - U~(z)))`` (seed 004 §4, Eq. 16)."""
+    """``L~(z) = sum_t L_t z^t = V~(z) / (2 (1 - U~(z)))`` (Velikanov et al. 2023, §4, Eq. 16)."""
     U = noise_generating_function(spectrum, z, lr, momentum, gamma, tau1, tau2)
     V = signal_generating_function(spectrum, z, lr, momentum, gamma, tau2)
     return V / (2 * (1 - U))
@@ -513,7 +513,7 @@ def _denominators(spectrum: Spectrum, lr: Any, momentum: Any, gamma: float, tau2
 
 def noise_at_one(spectrum: Spectrum, lr: Any, momentum: Any, gamma: float, tau1: float = 1.0,
                  tau2: float = 1.0) -> Any:
-    """``U~(1)`` (seed 004 §5, Eq. 21), vectorised over arrays of lr/momentum (broadcast)::
+    """``U~(1)`` (Velikanov et al. 2023, §5, Eq. 21), vectorised over arrays of lr/momentum (broadcast)::
 
         U~(1) = sum_k m_k gamma tau1 alpha lambda_k (1 + beta) / D_k,
         D_k = 2 (1 - beta^2) - alpha lambda_k ((1 - beta) - gamma tau2 (1 + beta))
@@ -536,7 +536,7 @@ def noise_at_one(spectrum: Spectrum, lr: Any, momentum: Any, gamma: float, tau1:
 
 
 def signal_at_one(spectrum: Spectrum, lr: float, momentum: float, gamma: float, tau2: float = 1.0) -> float:
-    """``V~(1) = sum_k c_k (2 alpha beta lambda_k + (1 - beta)(1 - beta^2)) / (alpha lambda_k D_k)`` (seed 004
+    """``V~(1) = sum_k c_k (2 alpha beta lambda_k + (1 - beta)(1 - beta^2)) / (alpha lambda_k D_k)`` (Velikanov et al. 2023
     §6, after Eq. 28; ``inf`` when a zero-eigenvalue mode carries signal: that part of the loss never decays)."""
     x, D, b = _denominators(spectrum, lr, momentum, gamma, tau2)
     c = spectrum.coefficients
@@ -548,19 +548,19 @@ def signal_at_one(spectrum: Spectrum, lr: float, momentum: float, gamma: float, 
 
 # -------------------------------------------------------------------------------------------- stability
 def noiseless_stable(spectrum: Spectrum, lr: float, momentum: float) -> bool:
-    """Convergence of GD with momentum (seed 004 App. H, Eq. 251): ``|beta| < 1`` and
+    """Convergence of GD with momentum (Velikanov et al. 2023, App. H, Eq. 251): ``|beta| < 1`` and
     ``0 < alpha lambda_max < 2 (1 + beta)``."""
     return bool(abs(momentum) < 1 and 0 < lr * spectrum.lambda_max < 2 * (1 + momentum))
 
 
 def noiseless_critical_lr(spectrum: Spectrum, momentum: float) -> float:
-    """``alpha = 2 (1 + beta) / lambda_max`` (seed 004 App. H)."""
+    """``alpha = 2 (1 + beta) / lambda_max`` (Velikanov et al. 2023, App. H)."""
     return 2 * (1 + momentum) / spectrum.lambda_max
 
 
 def critical_learning_rate(spectrum: Spectrum, momentum: float, batch_size: int, dataset_size: int | None = None,
                            tau1: float = 1.0, tau2: float = 1.0) -> float:
-    """Largest stable lr at this momentum (seed 004 §5, Prop. 3): the smaller of the noiseless bound
+    """Largest stable lr at this momentum (Velikanov et al. 2023, §5, Prop. 3): the smaller of the noiseless bound
     ``2(1+beta)/lambda_max`` and the root of ``U~(1) = 1`` in alpha (``U~(1)`` increases with alpha on the stable
     side, so brentq on the bracket where all ``D_k > 0``). Returns 0 when ``|beta| >= 1``.
     """
@@ -584,7 +584,7 @@ def critical_learning_rate(spectrum: Spectrum, momentum: float, batch_size: int,
 
 
 def critical_regularization(spectrum: Spectrum, tau: float = 1.0) -> float:
-    """``lambda_crit``: the positive root of ``sum_k m_k lambda_k / (lambda_crit + tau lambda_k) = 1`` (seed 004
+    """``lambda_crit``: the positive root of ``sum_k m_k lambda_k / (lambda_crit + tau lambda_k) = 1`` (Velikanov et al. 2023
     §5, Prop. 4, Eq. 22; tau = tau2/tau1). For tau = 0 it is ``sum_k m_k lambda_k``. Requires
     ``tau * sum m_k < 1`` is not needed: the left side decreases from ``sum m / tau`` to 0, so a root exists iff
     ``tau * 1 < sum m_k`` (more than 1/tau modes)."""
@@ -603,7 +603,7 @@ def critical_regularization(spectrum: Spectrum, tau: float = 1.0) -> float:
 
 def effective_lr_bound(spectrum: Spectrum, batch_size: int, dataset_size: int | None = None, tau1: float = 1.0,
                        tau2: float = 1.0) -> float:
-    """Prop. 4, Eq. 22 (seed 004 §5): ``U~(1) < 1  =>  alpha_eff < 2 / (gamma tau1 lambda_crit)`` with
+    """Prop. 4, Eq. 22 (Velikanov et al. 2023, §5): ``U~(1) < 1  =>  alpha_eff < 2 / (gamma tau1 lambda_crit)`` with
     ``lambda_crit`` from :func:`critical_regularization` at ``tau = tau2 / tau1`` (the beta -> 1 limit of U~(1))."""
     gamma = noise_amplitude(batch_size, dataset_size)
     if gamma == 0 or tau1 == 0:
@@ -639,7 +639,7 @@ class Stability:
 
 
 def _mode_growth(spectrum: Spectrum, lr: float, momentum: float, gamma: float, tau2: float) -> float:
-    """Largest spectral radius over modes of the noiseless-plus-self-noise 3x3 map A_lambda (seed 004 Eq. 11)."""
+    """Largest spectral radius over modes of the noiseless-plus-self-noise 3x3 map A_lambda (Velikanov et al. 2023, Eq. 11)."""
     x = lr * spectrum.eigenvalues
     b = momentum
     g = gamma * tau2
@@ -658,7 +658,7 @@ def _mode_growth(spectrum: Spectrum, lr: float, momentum: float, gamma: float, t
 
 def stability(spectrum: Spectrum, lr: float, momentum: float, batch_size: int, dataset_size: int | None = None,
               tau1: float = 1.0, tau2: float = 1.0) -> Stability:
-    """Convergence verdict (seed 004 §5: Prop. 3, Eq. 21, Eq. 24 / Prop. 10).
+    """Convergence verdict (Velikanov et al. 2023, §5: Prop. 3, Eq. 21, Eq. 24 / Prop. 10).
 
     Converges iff the noiseless condition holds and ``U~(1) < 1``. Otherwise the divergence is exponential; for
     eventual divergence the radius ``r in (0, 1)`` solves ``U~(r) = 1`` and ``L_t ~ V~(r)/(2 r U~'(r)) r^-t``
@@ -706,7 +706,7 @@ def stability(spectrum: Spectrum, lr: float, momentum: float, batch_size: int, d
 def stability_map(spectrum: Spectrum, lrs: Any, momenta: Any, batch_size: int, dataset_size: int | None = None,
                   tau1: float = 1.0, tau2: float = 1.0, max_elements: int = 8_000_000) -> dict[str, np.ndarray]:
     """Theory stability over the product grid ``momenta x lrs`` (shape (len(momenta), len(lrs))): ``U~(1)``,
-    ``noiseless`` (bool), ``converges`` (bool), and the critical lr per momentum (seed 004 Fig. 2 overlays)."""
+    ``noiseless`` (bool), ``converges`` (bool), and the critical lr per momentum (Velikanov et al. 2023, Fig. 2 overlays)."""
     lrs = np.asarray(lrs, dtype=float)
     momenta = np.asarray(momenta, dtype=float)
     gamma = noise_amplitude(batch_size, dataset_size)
@@ -726,7 +726,7 @@ def stability_map(spectrum: Spectrum, lrs: Any, momenta: Any, batch_size: int, d
 # ------------------------------------------------------------------------------------------- power laws
 @dataclass
 class PowerLawFit:
-    """``lambda_k ~ Lambda k^-nu`` and ``sum_{l>=k} c_l ~ K k^-kappa`` (seed 004 Eq. 25) fitted by least squares in
+    """``lambda_k ~ Lambda k^-nu`` and ``sum_{l>=k} c_l ~ K k^-kappa`` (Velikanov et al. 2023, Eq. 25) fitted by least squares in
     log-log coordinates on the stated index ranges (1-based k)."""
 
     nu: float
@@ -759,7 +759,7 @@ def _loglog_fit(k: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 def fit_power_law(spectrum: Spectrum, eig_range: tuple[int, int] | None = None,
                   coef_range: tuple[int, int] | None = None) -> PowerLawFit:
-    """Fit nu, Lambda on ``lambda_k`` and kappa, K on the tail sums ``T_k = sum_{l>=k} c_l`` (seed 004 Eq. 25;
+    """Fit nu, Lambda on ``lambda_k`` and kappa, K on the tail sums ``T_k = sum_{l>=k} c_l`` (Velikanov et al. 2023, Eq. 25;
     partial sums, not c_k, define kappa). Default ranges: ``[5, min(300, n/2)]`` for the eigenvalues and
     ``[10, min(310, n/2)]`` for the tail sums (the authors' notebook), clipped to the spectrum."""
     if spectrum.multiplicities is not None:
@@ -791,7 +791,7 @@ def fit_power_law(spectrum: Spectrum, eig_range: tuple[int, int] | None = None,
 
 
 def power_law_phase(nu: float, kappa: float) -> dict[str, Any]:
-    """Phase diagram (seed 004 §6, Fig. 3): nu <= 1/2 immediate divergence (``sum lambda^2 = inf``); 1/2 < nu <= 1
+    """Phase diagram (Velikanov et al. 2023, §6, Fig. 3): nu <= 1/2 immediate divergence (``sum lambda^2 = inf``); 1/2 < nu <= 1
     eventual divergence (``sum lambda = inf`` so ``U~(1) = inf``); nu > 1 converges with ``L_t ~ t^-min(zeta, xi)``,
     ``zeta = kappa/nu``, ``xi = 2 - 1/nu``: signal-dominated if zeta < xi, noise-dominated if zeta > xi."""
     if not (nu > 0 and kappa > 0):
@@ -812,7 +812,7 @@ def power_law_phase(nu: float, kappa: float) -> dict[str, Any]:
 
 @dataclass
 class Asymptotics:
-    """Late-time loss ``L_t ~ C_signal t^-zeta + C_noise t^-xi`` (seed 004 Thm. 2, Eqs. 28a-28b)."""
+    """Late-time loss ``L_t ~ C_signal t^-zeta + C_noise t^-xi`` (Velikanov et al. 2023, Thm. 2, Eqs. 28a-28b)."""
 
     phase: str
     zeta: float
@@ -836,7 +836,7 @@ class Asymptotics:
 def asymptotic_loss(spectrum: Spectrum, lr: float, momentum: float, batch_size: int, nu: float, kappa: float,
                     Lambda: float = 1.0, K: float = 1.0, dataset_size: int | None = None, tau1: float = 1.0,
                     tau2: float = 1.0) -> Asymptotics:
-    """Constants of Eqs. 28a/28b (seed 004 §6; spec e, checked at Lambda = 1)::
+    """Constants of Eqs. 28a/28b (Velikanov et al. 2023, §6; spec e, checked at Lambda = 1)::
 
         C_signal = K Gamma(zeta + 1) / (2 (1 - U~(1)) (2 Lambda alpha_eff)^zeta)
         C_noise  = gamma tau1 Lambda^(1/nu) Gamma(2 - 1/nu) V~(1) alpha_eff^2 / (2 nu (1 - U~(1))^2 (2 alpha_eff)^xi)
@@ -862,7 +862,7 @@ def asymptotic_loss(spectrum: Spectrum, lr: float, momentum: float, batch_size: 
 
 
 def transition_time(C_signal: float, C_noise: float, zeta: float, xi: float) -> float | None:
-    """Signal-to-noise transition (seed 004 §6, Eq. 29): the t at which ``C_signal t^-zeta = C_noise t^-xi``,
+    """Signal-to-noise transition (Velikanov et al. 2023, §6, Eq. 29): the t at which ``C_signal t^-zeta = C_noise t^-xi``,
     ``t = (C_signal / C_noise)^(1/(zeta - xi))``; ``None`` when zeta = xi or a constant vanishes."""
     if not (0 < C_noise < math.inf and 0 < C_signal < math.inf) or abs(zeta - xi) < 1e-14:
         return None
@@ -871,7 +871,7 @@ def transition_time(C_signal: float, C_noise: float, zeta: float, xi: float) -> 
 
 
 def negative_momentum_criterion(spectrum: Spectrum, nu: float) -> float:
-    """Prop. 5 / Eq. 30 (seed 004 §6, Prop. 12, Eq. 202), output-space form (spec "Discrepancy")::
+    """Prop. 5 / Eq. 30 (Velikanov et al. 2023, §6, Prop. 12, Eq. 202), output-space form (spec "Discrepancy")::
 
         S = (sum_k lambda_k)(sum_k c_k) - ((nu - 1)/nu) (sum_k lambda_k^2)(sum_k c_k / lambda_k)
 
@@ -897,7 +897,7 @@ def _log_c_noise(spectrum: Spectrum, lr: float, momentum: float, gamma: float, n
 
 def optimal_lr_noise_dominated(spectrum: Spectrum, nu: float, batch_size: int, momentum: float = 0.0,
                                dataset_size: int | None = None, tau1: float = 1.0, tau2: float = 1.0) -> float:
-    """The alpha minimising the noise-dominated constant C_noise (Eq. 28b) at fixed beta (seed 004 §6,
+    """The alpha minimising the noise-dominated constant C_noise (Eq. 28b) at fixed beta (Velikanov et al. 2023, §6,
     "Hyperparameter optimization"), bounded by the critical lr."""
     gamma = noise_amplitude(batch_size, dataset_size)
     crit = critical_learning_rate(spectrum, momentum, batch_size, dataset_size, tau1, tau2)
@@ -919,7 +919,7 @@ def _log_c_signal(spectrum: Spectrum, lr: float, momentum: float, gamma: float, 
 def log_constant_momentum_derivative(spectrum: Spectrum, nu: float, lr: float, batch_size: int,
                                      dataset_size: int | None = None, tau1: float = 1.0, tau2: float = 1.0,
                                      which: str = "noise", kappa: float | None = None, h: float = 1e-5) -> float:
-    """``d ln C / d beta`` at beta = 0 and fixed alpha (seed 004 §6, Prop. 5), central difference; ``which`` =
+    """``d ln C / d beta`` at beta = 0 and fixed alpha (Velikanov et al. 2023, §6, Prop. 5), central difference; ``which`` =
     "noise" (C_noise, Eq. 28b, part II) or "signal" (C_signal, Eq. 28a, part I, needs ``kappa``). Positive means
     lowering beta below 0 lowers the late-time loss; negative means positive momentum helps."""
     gamma = noise_amplitude(batch_size, dataset_size)
@@ -938,7 +938,7 @@ def log_constant_momentum_derivative(spectrum: Spectrum, nu: float, lr: float, b
 
 def optimal_lr_signal_dominated(spectrum: Spectrum, kappa: float, nu: float, batch_size: int, momentum: float = 0.0,
                                 dataset_size: int | None = None, tau1: float = 1.0, tau2: float = 1.0) -> float:
-    """The alpha minimising C_signal (Eq. 28a) at fixed beta (seed 004 §6, "signal-dominated phase")."""
+    """The alpha minimising C_signal (Eq. 28a) at fixed beta (Velikanov et al. 2023, §6, "signal-dominated phase")."""
     gamma = noise_amplitude(batch_size, dataset_size)
     crit = critical_learning_rate(spectrum, momentum, batch_size, dataset_size, tau1, tau2)
     zeta = kappa / nu

@@ -1,6 +1,6 @@
-"""Two-layer linear networks: the theory behind R_med (seed 000 §5, §6, App. B, E, F).
+"""Two-layer linear networks: the theory behind R_med (Jiang et al. 2023, §5, §6, App. B, E, F).
 
-Model and data (seed 000 §3, Assumptions 1-3): ``f(x) = W2 W1 x`` with ``W1 in R^{m x d}`` (hidden width m),
+Model and data (Jiang et al. 2023, §3, Assumptions 1-3): ``f(x) = W2 W1 x`` with ``W1 in R^{m x d}`` (hidden width m),
 ``W2 in R^{k x m}`` (the seed's theorem has k = 1), whitened Gaussian inputs ``E[x x^T] = Sigma`` (= I in the
 theorem), a linear teacher ``y = A x + noise`` and the population square loss
 
@@ -88,7 +88,7 @@ class TwoLayerProblem:
 
 def small_gaussian_init(m: int, d: int, k: int = 1, scale: float = 1e-3,
                         rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Assumption 2 (seed 000 §3): i.i.d. ``N(0, scale^2)`` entries for ``W1`` (m x d) and ``W2`` (k x m)."""
+    """Assumption 2 (Jiang et al. 2023, §3): i.i.d. ``N(0, scale^2)`` entries for ``W1`` (m x d) and ``W2`` (k x m)."""
     if m < 1 or d < 1 or k < 1:
         raise ValueError(f"widths must be >= 1; got m={m}, d={d}, k={k}")
     if scale <= 0:
@@ -98,7 +98,7 @@ def small_gaussian_init(m: int, d: int, k: int = 1, scale: float = 1e-3,
 
 
 def population_loss(W1: np.ndarray, W2: np.ndarray, problem: TwoLayerProblem) -> float:
-    """``L = 1/2 tr((W2 W1 - A) Sigma (W2 W1 - A)^T) + k noise_var / 2`` (seed 000 §3, Assumption 1)."""
+    """``L = 1/2 tr((W2 W1 - A) Sigma (W2 W1 - A)^T) + k noise_var / 2`` (Jiang et al. 2023, §3, Assumption 1)."""
     _check_shapes(W1, W2, problem.A)
     R = W2 @ W1 - problem.A
     cov = _as_cov(problem.cov, W1.shape[1])
@@ -114,7 +114,7 @@ def population_gradient(W1: np.ndarray, W2: np.ndarray, problem: TwoLayerProblem
 
 
 def hessian_diagonal(W1: np.ndarray, W2: np.ndarray, cov: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Hessian diagonal of the population loss (seed 000 App. F, Lemma on the diagonal):
+    """Exact Hessian diagonal of the population loss (Jiang et al. 2023, App. F, Lemma on the diagonal):
 
         d^2 L / d(W1)_ij^2 = ||W2[:, i]||^2 * Sigma_jj,        d^2 L / d(W2)_ci^2 = (W1 Sigma W1^T)_ii.
 
@@ -133,7 +133,7 @@ def hessian_diagonal(W1: np.ndarray, W2: np.ndarray, cov: np.ndarray | None = No
 
 
 def hessian(W1: np.ndarray, W2: np.ndarray, problem: TwoLayerProblem) -> np.ndarray:
-    """Dense Hessian of the population loss (seed 000 App. E.3), coordinates ``[vec(W1), vec(W2)]`` row-major.
+    """Dense Hessian of the population loss (Jiang et al. 2023, App. E.3), coordinates ``[vec(W1), vec(W2)]`` row-major.
 
     With ``R = W2 W1 - A``:
 
@@ -182,7 +182,7 @@ def hidden_singular_vector(W: np.ndarray, hidden_axis: int) -> tuple[np.ndarray,
 
 def rank_one_diagonal(sigma: float, u: np.ndarray, v: np.ndarray, w2: np.ndarray,
                       cov: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Hessian diagonal when ``W1 = sigma u v^T`` exactly (seed 000 App. F, rank-one lemma; §6 (B)).
+    """Hessian diagonal when ``W1 = sigma u v^T`` exactly (Jiang et al. 2023, App. F, rank-one lemma; §6 (B)).
 
         d^2L/d(W1)_ij^2 = w2_i^2 Sigma_jj   (k = 1, W2 = w2^T),    d^2L/d(W2)_i^2 = sigma^2 u_i^2 (v^T Sigma v).
 
@@ -201,7 +201,7 @@ def rank_one_diagonal(sigma: float, u: np.ndarray, v: np.ndarray, w2: np.ndarray
 
 
 def gaussian_uniformity(m: int, kind: str = "expected") -> float:
-    """SGD+M side of Theorem 1 (seed 000 §5, App. C.1, Lemma 3): R_u of a Gaussian hidden-side vector.
+    """SGD+M side of Theorem 1 (Jiang et al. 2023, §5, App. C.1, Lemma 3): R_u of a Gaussian hidden-side vector.
 
     Under SGD+M from a small Gaussian init the leading hidden-side singular vector is ``u ~ g/||g||`` with
     ``g_i`` i.i.d. N(0, 1), so ``R_u = max_i g_i^2 / median_i g_i^2``. ``kind="expected"`` returns
@@ -221,7 +221,7 @@ def gaussian_uniformity(m: int, kind: str = "expected") -> float:
 
 
 def theorem1_prediction(m: int) -> dict[str, float]:
-    """What Theorem 1 (seed 000 §5) predicts for R_med at hidden width m, in the rank-one window.
+    """What Theorem 1 (Jiang et al. 2023, §5) predicts for R_med at hidden width m, in the rank-one window.
 
     ``sgdm``: the Gaussian-vector value :func:`gaussian_uniformity` (Omega(log m)); ``adam``: 1, the limit of
     a uniform ``|u_i|`` (the theorem states O(1); the constant is not recoverable); ``ratio`` = sgdm / adam.
@@ -244,7 +244,7 @@ class Trajectory:
 def simulate(W1: np.ndarray, W2: np.ndarray, problem: TwoLayerProblem, optimizer: str, lr: float, steps: int,
              momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
              bias_correction: bool = False, record_every: int = 0) -> Trajectory:
-    """Large-batch (population-gradient) dynamics of seed 000 Eq. (3), in numpy.
+    """Large-batch (population-gradient) dynamics of Jiang et al. 2023, Eq. (3), in numpy.
 
     SGD+M (PyTorch convention; the seed's momentum form is [UNKNOWN] in spec 2g):
         ``M <- momentum M + g``,  ``W <- W - lr M``.

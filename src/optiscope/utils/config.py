@@ -1,4 +1,4 @@
-"""Frozen, validated configuration dataclasses (DESIGN.md "Conventions").
+"""Frozen, validated configuration dataclasses (docs/architecture.md).
 
 Every experiment and run configuration subclasses :class:`Config`. Construction validates: a subclass implements
 ``validate()`` and calls :func:`require`, which raises :class:`ConfigError` naming the field, the value and what is

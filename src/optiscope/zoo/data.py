@@ -2,7 +2,7 @@
 
 Every loader is deterministic given ``seed`` (train/test split, subsets, synthetic draws) and returns a
 :class:`Dataset` of tensors with metadata. Nothing downloads: missing data raises ``FileNotFoundError`` naming the
-Debian package or the path that provides it (DESIGN.md "Data available offline").
+Debian package or the path that provides it (docs/architecture.md).
 
 * images are normalised to zero mean / unit standard deviation with the (scalar) statistics of the training split;
 * decoded raw arrays are cached per process (``functools.lru_cache``), so repeated loads only re-split and
@@ -253,7 +253,7 @@ def fortunes(seq_len: int = 64, n_train: int | None = None, n_test: int | None =
 # --------------------------------------------------------------------------------------------- synthetic
 def random_labels(dataset: Dataset | str = "digits", seed: int = 0, n_classes: int | None = None,
                   **base_kwargs: Any) -> Dataset:
-    """The same inputs with i.i.d. uniformly random integer targets (seed 000 §4.2, "random dataset").
+    """The same inputs with i.i.d. uniformly random integer targets (Jiang et al. 2023, §4.2, "random dataset").
 
     ``dataset`` is a :class:`Dataset` or a name/spec passed to :func:`load_dataset` (with ``seed`` and
     ``base_kwargs``). Targets are drawn from ``{0, ..., n_classes - 1}`` (default: the base's ``n_classes``;
@@ -279,7 +279,7 @@ def random_labels(dataset: Dataset | str = "digits", seed: int = 0, n_classes: i
 
 def teacher_regression(d: int = 20, n: int = 512, n_test: int = 512, k: int = 1, noise: float = 0.0,
                        seed: int = 0, dtype: torch.dtype = torch.float32) -> Dataset:
-    """Whitened Gaussian inputs with a linear teacher: the setting of seed 000's Theorem 1 (Assumption 1).
+    """Whitened Gaussian inputs with a linear teacher: the setting of Jiang et al. 2023's Theorem 1 (Assumption 1).
 
     ``x ~ N(0, I_d)`` (so ``E[x x^T] = I``), teacher ``A`` with i.i.d. ``N(0, 1/d)`` entries (``k x d``),
     ``y = A x + noise * N(0, I_k)``. Targets have shape ``(n, k)``. ``meta["teacher"]`` holds ``A``.
@@ -297,7 +297,7 @@ def teacher_regression(d: int = 20, n: int = 512, n_test: int = 512, k: int = 1,
 
 def powerlaw_features(nu: float = 1.5, kappa: float = 1.0, d: int = 256, n: int = 1024, n_test: int = 1024,
                       seed: int = 0, dtype: torch.dtype = torch.float32) -> Dataset:
-    """Gaussian features with a power-law spectrum and power-law target (seed 004 eq. (25), spec §e generator).
+    """Gaussian features with a power-law spectrum and power-law target (Velikanov et al. 2023 eq. (25), spec §e generator).
 
     Population feature covariance ``Sigma = Q diag(lambda) Q^T`` with ``lambda_k = k^(-nu)`` (``Lambda = 1``) and a
     random orthogonal ``Q`` (``k = 1..d``); the target is linear, ``y = x . w*``, with per-mode moments
@@ -368,7 +368,7 @@ def batch_iterator(X: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int 
                    drop_last: bool = False, epochs: int | None = 1, steps: int | None = None
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Deterministic mini-batches ``(X[idx], y[idx])``: each epoch is a fresh seeded permutation (without
-    replacement within an epoch, as seed 004's sampling).
+    replacement within an epoch, as Velikanov et al. 2023's sampling).
 
     The permutation of epoch ``e`` comes from ``torch.Generator().manual_seed(seed)`` drawn ``e`` times, so the
     sequence depends only on ``(len(X), batch_size, seed)``. ``steps`` (if given) stops after that many batches,
@@ -405,7 +405,7 @@ def batch_iterator(X: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int 
 
 # -------------------------------------------------------------------------------------------------- losses
 class HalfMSELoss(nn.Module):
-    """``0.5 * mean_i ||f(x_i) - y_i||^2``: the square loss of seeds 000 / 004 (sum over outputs, mean over
+    """``0.5 * mean_i ||f(x_i) - y_i||^2``: the square loss of Jiang et al. 2023 / Velikanov et al. 2023 (sum over outputs, mean over
     samples). A 1-D target is compared with a ``(n, 1)`` output column-wise."""
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""Weight initialisations of seed 002 §2, drawn from an explicit ``torch.Generator``.
+"""Weight initialisations of Orvieto et al. 2022, §2, drawn from an explicit ``torch.Generator``.
 
-Variances (seed 002 §2; spec ``sgd_gf_and_vanishing.md`` "MLPs"):
+Variances (Orvieto et al. 2022, §2; spec ``sgd_gf_and_vanishing.md`` "MLPs"):
 
 * LeCun (LeCun et al. 1998):  ``sigma^2 = 1 / fan_in``
 * Xavier / Glorot (2010):     ``sigma^2 = 2 / (fan_in + fan_out)``   (linear networks)
@@ -44,7 +44,7 @@ def fans(weight: torch.Tensor) -> tuple[int, int]:
 
 
 def init_variance(scheme: str, fan_in: int, fan_out: int) -> float:
-    """The weight variance sigma^2 of an init scheme (seed 002 §2): lecun 1/fan_in, xavier 2/(fan_in+fan_out),
+    """The weight variance sigma^2 of an init scheme (Orvieto et al. 2022, §2): lecun 1/fan_in, xavier 2/(fan_in+fan_out),
     he 2/fan_in, torch 1/(3 fan_in). The formula lives in :func:`optiscope.theory.init.init_variance`."""
     from optiscope.theory.init import init_variance as variance
 

@@ -74,12 +74,12 @@ class _ResidualGroups:
 
 # ------------------------------------------------------------------------------------------------------ MLP
 class MLP(nn.Module):
-    r"""Fully connected network with ``depth`` weight matrices (seed 002 §4; seed 000 models).
+    r"""Fully connected network with ``depth`` weight matrices (Orvieto et al. 2022, §4; Jiang et al. 2023 models).
 
     ``input_dim -> width -> ... -> width -> output_dim``: ``depth`` linear layers, ``depth - 1`` hidden layers of
     ``width`` units, ``activation`` after each hidden layer, none after the output. ``init`` is one of
-    ``{lecun, xavier, he} x {uniform, normal}`` or ``torch`` (:mod:`optiscope.zoo.init`, seed 002 §2; biases zero).
-    ``residual = k > 0`` adds identity skips around blocks of ``k`` consecutive hidden-to-hidden layers (seed 002
+    ``{lecun, xavier, he} x {uniform, normal}`` or ``torch`` (:mod:`optiscope.zoo.init`, Orvieto et al. 2022, §2; biases zero).
+    ``residual = k > 0`` adds identity skips around blocks of ``k`` consecutive hidden-to-hidden layers (Orvieto et al. 2022
     App. D uses ``k = 3``); ``batchnorm=True`` puts ``BatchNorm1d`` after each hidden linear layer. Inputs of shape
     ``(batch, *input_shape)`` are flattened (``input_shape`` defaults to ``(input_dim,)``).
     """
@@ -118,12 +118,12 @@ class MLP(nn.Module):
 
 # ----------------------------------------------------------------------------------------- linear models
 class NeuralChain(nn.Module):
-    r"""Width-1 deep linear network ``f(x) = (prod_{l=1}^L w_l) x`` (seed 002 §3, neural chain).
+    r"""Width-1 deep linear network ``f(x) = (prod_{l=1}^L w_l) x`` (Orvieto et al. 2022, §3, neural chain).
 
     ``depth = L`` scalar weights, each its own parameter ``weights.{l}`` (a one-element tensor, so a "layer" of
     the Hessian engine is one weight). ``init="uniform"``: ``w_l ~ U[-scale, scale]`` (default ``scale = sqrt(3)``,
     the variance-preserving choice ``E[w^2] = 1``); ``"normal"``: ``N(0, scale^2)``; ``"constant"``: every
-    ``w_l = scale`` (the symmetric start of seed 002 Prop. 7). Input and output shape ``(batch, 1)``.
+    ``w_l = scale`` (the symmetric start of Orvieto et al. 2022, Prop. 7). Input and output shape ``(batch, 1)``.
     """
 
     def __init__(self, depth: int = 10, init: str = "uniform", scale: float = math.sqrt(3.0), seed: int = 0) -> None:
@@ -156,10 +156,10 @@ class NeuralChain(nn.Module):
 
 
 class DeepLinear(nn.Module):
-    r"""Deep linear network ``f(x) = W_N ... W_1 x`` (seed 003 notes: ACH 2018 / ACHL 2019).
+    r"""Deep linear network ``f(x) = W_N ... W_1 x`` (Arora, Cohen & Hazan 2018; Arora, Cohen, Hu & Luo 2019).
 
     ``depth = N`` bias-free factors, ``input_dim -> width -> ... -> width -> output_dim`` (``width`` ignored for
-    ``N = 1``). ``init`` as :class:`MLP` (default ``xavier_normal``, seed 002's choice for linear nets); with
+    ``N = 1``). ``init`` as :class:`MLP` (default ``xavier_normal``, Orvieto et al. 2022's choice for linear nets); with
     ``init_scale = s`` instead every factor is i.i.d. ``N(0, (s^(1/N) / sqrt(width))^2)`` so that
     ``||W_e(0)||_F ~ s sqrt(n)`` (ACHL's ``gaussian`` init; for square ``n x n`` factors). Parameters are named
     ``factors.{j}.weight``; :meth:`end_to_end` returns ``W_e``.
@@ -201,9 +201,9 @@ class DeepLinear(nn.Module):
 
 
 class TwoLayerLinear(nn.Module):
-    r"""Two-layer linear network ``f(x) = W2 W1 x`` with ``W1 in R^{m x d}``, ``W2 in R^{k x m}`` (seed 000 §5).
+    r"""Two-layer linear network ``f(x) = W2 W1 x`` with ``W1 in R^{m x d}``, ``W2 in R^{k x m}`` (Jiang et al. 2023, §5).
 
-    Seed 000 Assumption 2: i.i.d. Gaussian entries with a small standard deviation ``init_std`` (default ``1e-3``,
+    Jiang et al. 2023, Assumption 2: i.i.d. Gaussian entries with a small standard deviation ``init_std`` (default ``1e-3``,
     the spec's sanity simulation; ``None`` uses LeCun normal ``1/fan_in``). Parameters ``W1``, ``W2``.
     """
 
@@ -225,7 +225,7 @@ class TwoLayerLinear(nn.Module):
 
 
 class Bilinear(nn.Module):
-    r"""The two-parameter model of seed 001 §4: ``f(x) = theta1 theta2 x``.
+    r"""The two-parameter model of Cattaneo et al. 2024, §4: ``f(x) = theta1 theta2 x``.
 
     With the data of :meth:`data` (``x = 1``, target ``y``) and :class:`optiscope.zoo.data.HalfMSELoss` the loss is
     ``E(theta) = (y - theta1 theta2)^2 / 2``; minima on the hyperbola ``theta1 theta2 = y``. One parameter
@@ -318,15 +318,15 @@ def _as_image(model: str, x: torch.Tensor, image_shape: tuple[int, int, int]) ->
 
 
 class FCN(nn.Module):
-    r"""Fully convolutional image-to-image network (seed 002 §5).
+    r"""Fully convolutional image-to-image network (Orvieto et al. 2022, §5).
 
     ``depth`` convolutions ``in_channels -> channels -> ... -> channels -> out_channels`` (default
     ``out_channels = in_channels``: the target is the input image), odd ``kernel`` ``k`` with padding
     ``(k - 1) / 2`` so the resolution never changes, ``padding_mode`` in ``zeros | circular | reflect |
-    replicate`` (circular avoids the zero-padding vanishing of seed 002 §5), ``activation`` after every layer but
+    replicate`` (circular avoids the zero-padding vanishing of Orvieto et al. 2022, §5), ``activation`` after every layer but
     the last, ``init`` as :class:`MLP` with convolution fans. Optional ``residual = k`` skips around blocks of
-    ``k`` hidden-to-hidden convolutions (seed 002 App. D uses 3) and ``batchnorm`` (``BatchNorm2d``).
-    Effective width (seed 002 §5): ``channels * kernel^2``. Input ``(batch, *image_shape)`` or flattened.
+    ``k`` hidden-to-hidden convolutions (Orvieto et al. 2022, App. D uses 3) and ``batchnorm`` (``BatchNorm2d``).
+    Effective width (Orvieto et al. 2022, §5): ``channels * kernel^2``. Input ``(batch, *image_shape)`` or flattened.
     """
 
     def __init__(self, image_shape: Sequence[int] = (3, 32, 32), depth: int = 5, channels: int = 16, kernel: int = 3,
@@ -368,12 +368,12 @@ class FCN(nn.Module):
 
 
 class StrippedResNet(nn.Module):
-    r"""ResNet-like classifier stripped of BatchNorm and residual connections (seed 002 §5 "stripped_ResNet").
+    r"""ResNet-like classifier stripped of BatchNorm and residual connections (Orvieto et al. 2022, §5 "stripped_ResNet").
 
     A stem convolution ``in_channels -> channels[0]``, then one stage per entry of ``stages``: ``stages[i]``
     convolutions at ``channels[i]`` channels, the first of stages ``i > 0`` with stride 2 (resolution halves:
     32 -> 16 -> 8 -> 4 for CIFAR-sized input), then global average pooling and ``Linear(channels[-1],
-    n_classes)``. Seed 002 uses 4 stages of 3 layers; ``wide=True`` doubles the channels, ``kernel`` sets the
+    n_classes)``. Orvieto et al. 2022 uses 4 stages of 3 layers; ``wide=True`` doubles the channels, ``kernel`` sets the
     filter size (``big_stripped_ResNet`` uses larger filters). Flags add back what was stripped:
     ``batchnorm=True`` (``BatchNorm2d`` after every convolution) and ``residual=True`` (identity skips around
     blocks of ``residual_skip`` equal-shape convolutions inside each stage). ``init`` as :class:`MLP`
@@ -436,7 +436,7 @@ class StrippedResNet(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    r"""The CNN of seed 001 App. H.4 (authors' code, spec "Paper 1" §1e).
+    r"""The CNN of Cattaneo et al. 2024, App. H.4 (authors' code, spec "Paper 1" §1e).
 
     Three blocks ``[conv3x3 -> ReLU -> conv3x3 -> ReLU -> maxpool2]`` with ``channels = (32, 64, 128)`` and 'same'
     padding, then ``Flatten -> Linear(., hidden=512) -> ReLU -> Linear(512, n_classes)``. Default ``init="torch"``
