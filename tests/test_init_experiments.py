@@ -60,7 +60,7 @@ def _run(name, tmp_path, overrides):
     res = json.loads((tmp_path / name / "results.json").read_text())
     assert res["experiment"] == name and res["claims"]
     for c in res["claims"]:
-        assert set(c) == {"id", "claim", "paper", "measured", "holds"}
+        assert set(c) == {"id", "claim", "paper", "measured", "holds", "reason", "tier"}
     assert list((tmp_path / name / "figures").glob("*.png"))
     return res, store
 

@@ -28,16 +28,17 @@ def list_experiments() -> None:
     """List the registered experiments (one per seed claim)."""
     from optiscope.experiments.base import registry
 
-    table = Table("name", "seed", "title")
+    table = Table("name", "seed", "title", "presets")
     for name, spec in registry().items():
-        table.add_row(name, spec.paper, spec.title)
+        table.add_row(name, spec.paper, spec.title, ", ".join(spec.presets))
     console.print(table)
 
 
 @app.command("run")
 def run(
     name: str = typer.Argument(..., help="experiment name (see `optiscope list`)"),
-    preset: str = typer.Option("quick", "--preset", help="quick (CPU, minutes) or full (paper scale, GPU)"),
+    preset: str = typer.Option("quick", "--preset", help="quick (CPU, minutes), medium (<= 20 min on 2 CPU cores, "
+                               "where listed by `optiscope list`) or full (paper scale, GPU)"),
     out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/NAME-PRESET)"),
     set_: List[str] = typer.Option([], "--set", help="override a config field: key=value (repeatable)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML file of config fields"),

@@ -17,8 +17,15 @@ An experiment is one module in ``optiscope.experiments`` that registers a run fu
 
 ``run_experiment`` resolves the preset, applies overrides, writes ``config.yaml`` and ``manifest.json``, calls the
 function and writes ``results.json`` with the shape
-``{"experiment", "preset", "seed", "claims": [{"id", "claim", "paper", "measured", "holds"}], "metrics": {...}}``.
-A claim that does not reproduce is reported with ``holds=False``, never tuned away.
+``{"experiment", "preset", "seed", "claims": [{"id", "claim", "paper", "measured", "holds", "reason", "tier"}],
+"metrics": {...}}``. ``holds`` is three-valued (True / False / None = untestable here, the claim's premise did not
+occur); ``reason`` says why, and ``tier`` names the preset that decided the claim (default: the preset that ran).
+Verdicts come from the one rule in :mod:`optiscope.metrics.verdicts`; :meth:`Claim.judged` builds a claim from a
+:class:`~optiscope.metrics.verdicts.Verdict`. A claim that does not reproduce is reported with ``holds=False``,
+never tuned away.
+
+Preset tiers (DESIGN.md): ``quick`` (CPU, minutes: does it run), ``medium`` (optional; <= 20 minutes on 2 CPU cores,
+designed so that the claim could fail) and ``full`` (paper scale). ``quick`` and ``full`` are required.
 """
 
 from __future__ import annotations
@@ -35,29 +42,52 @@ from optiscope.lab.store import RunStore
 from optiscope.utils.config import Config, ConfigError
 
 
+TIERS = ("quick", "medium", "full")
+"""Recognised preset tiers, smallest first; ``quick`` and ``full`` are required, ``medium`` is optional."""
+
+
 @dataclass
 class Claim:
-    """One claim of a seed: what the paper reports, what we measured, and whether it holds (True/False/None)."""
+    """One claim of a paper: what the paper reports, what we measured, and whether it holds.
+
+    ``holds`` is True, False or None (untestable here); ``reason`` says why (empty when not given); ``tier`` is the
+    preset that decided the claim (``None``: filled in by :func:`run_experiment` with the preset that ran).
+    """
 
     id: str
     claim: str
     paper: Any
     measured: Any
     holds: bool | None
+    reason: str = ""
+    tier: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    @classmethod
+    def judged(cls, id: str, claim: str, paper: Any, measured: Any, verdict: tuple[bool | None, str],
+               tier: str | None = None) -> "Claim":
+        """Build a claim from a ``(holds, reason)`` verdict of :mod:`optiscope.metrics.verdicts`."""
+        holds, reason = verdict
+        return cls(id, claim, paper, measured, holds, reason, tier)
+
+    def to_dict(self, tier: str | None = None) -> dict[str, Any]:
+        """JSON form; ``tier`` is the fallback used when the claim has none of its own."""
         return {"id": self.id, "claim": self.claim, "paper": self.paper, "measured": self.measured,
-                "holds": None if self.holds is None else bool(self.holds)}
+                "holds": None if self.holds is None else bool(self.holds), "reason": str(self.reason or ""),
+                "tier": self.tier if self.tier is not None else tier}
 
 
 @dataclass
 class Result:
+    """What an experiment's run function returns: its claims and headline metrics (written to results.json)."""
+
     claims: list[Claim] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ExperimentSpec:
+    """A registered experiment: name, paper, title, config class, presets (tiers) and run function."""
+
     name: str
     paper: str
     title: str
@@ -72,10 +102,17 @@ _DISCOVERED = False
 
 
 def register(name: str, *, paper: str, title: str, config: type[Config], presets: Mapping[str, Config]):
-    """Decorator registering ``fn(config, store) -> Result`` under ``name`` (presets must include quick and full)."""
+    """Decorator registering ``fn(config, store) -> Result`` under ``name``.
+
+    ``presets`` must include ``quick`` and ``full`` and may include ``medium``; no other names (see ``TIERS``).
+    """
     missing = {"quick", "full"} - set(presets)
     if missing:
         raise ValueError(f"experiment {name!r}: presets {sorted(missing)} are missing")
+    unknown = set(presets) - set(TIERS)
+    if unknown:
+        raise ValueError(f"experiment {name!r}: unknown preset tiers {sorted(unknown)}; allowed: {', '.join(TIERS)}")
+    presets = {t: presets[t] for t in TIERS if t in presets}
     for p, cfg in presets.items():
         if not isinstance(cfg, config):
             raise TypeError(f"experiment {name!r}: preset {p!r} is not a {config.__name__}")
@@ -105,11 +142,13 @@ def discover() -> None:
 
 
 def registry() -> dict[str, ExperimentSpec]:
+    """All registered experiments by name (imports the experiment modules on first use)."""
     discover()
     return dict(sorted(_REGISTRY.items()))
 
 
 def get(name: str) -> ExperimentSpec:
+    """The registered experiment ``name``; ``KeyError`` listing the valid names otherwise."""
     reg = registry()
     if name not in reg:
         raise KeyError(f"unknown experiment {name!r}; valid: {', '.join(reg)}")
@@ -118,6 +157,7 @@ def get(name: str) -> ExperimentSpec:
 
 def resolve_config(name: str, preset: str = "quick", overrides: Iterable[str] = (),
                    config_file: str | Path | None = None) -> Config:
+    """The config of ``name`` at ``preset``, updated from ``config_file`` and ``key=value`` overrides."""
     spec = get(name)
     if preset not in spec.presets:
         raise ConfigError(f"unknown preset {preset!r} for {name}; valid: {', '.join(spec.presets)}")
@@ -150,7 +190,7 @@ def run_experiment(name: str, preset: str = "quick", out: str | Path | None = No
         "experiment": name,
         "preset": preset,
         "seed": getattr(cfg, "seed", None),
-        "claims": [c.to_dict() for c in result.claims],
+        "claims": [c.to_dict(tier=preset) for c in result.claims],
         "metrics": result.metrics,
     }
     store.write_results(results)
@@ -158,4 +198,4 @@ def run_experiment(name: str, preset: str = "quick", out: str | Path | None = No
     return store
 
 
-__all__ = ["Claim", "Result", "ExperimentSpec", "register", "registry", "get", "resolve_config", "run_experiment"]
+__all__ = ["TIERS", "Claim", "Result", "ExperimentSpec", "register", "registry", "get", "resolve_config", "run_experiment"]
