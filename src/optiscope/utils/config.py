@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
 import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, packaged as tomli
+    import tomli as tomllib
 
 C = TypeVar("C", bound="Config")
 
