@@ -110,6 +110,7 @@ class LossFunction:
         self.terms = terms
         self.n_samples = n_samples
         self._rng_devices = rng_devices or []
+        self.batches: list[tuple[Any, Tensor]] | None = None  # the data (model problems only), for diagnostics
         self._cpu_state = torch.get_rng_state()
         self._cuda_states = ([torch.cuda.get_rng_state(d) for d in self._rng_devices]
                              if self._rng_devices else [])
@@ -117,7 +118,12 @@ class LossFunction:
     # ---------------------------------------------------------------------------------------------
     @classmethod
     def from_model(cls, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Any,
-                   params: Iterable[str] | None = None) -> "LossFunction":
+                   params: Iterable[str] | None = None, device: Any = None) -> "LossFunction":
+        """The pure loss of ``model`` on ``data`` (see the module docstring).
+
+        ``device=None``: the model's device; every tensor of ``data`` must already be on it (ValueError otherwise).
+        An explicit ``device`` must exist and hold the model; the data are moved to it.
+        """
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -140,11 +146,21 @@ class LossFunction:
         for n in names:
             if not named[n].is_floating_point():
                 raise ValueError(f"parameter {n!r} is not floating point ({named[n].dtype})")
+        model_device = _model_device(model)
+        if device is not None:
+            target = resolve_device(device)
+            if model_device is not None and not _same_device(model_device, target):
+                raise ValueError(f"device={str(device)!r} but the model is on {model_device}; move the model "
+                                 f"(model.to({str(target)!r})) or pass device=None to follow it")
+            model_device = target
         batches = normalize_data(data)
+        if model_device is not None:
+            batches = [_place_batch(i, b, model_device, move=device is not None) for i, b in enumerate(batches)]
         sizes = [_batch_size(x) for x, _ in batches]
         total = sum(sizes)
         frozen = {n: p.detach() for n, p in named.items() if n not in set(names)}
         module = _pure_module(model)
+        warn_train_mode_randomness(model)
         theta = {n: named[n].detach().clone() for n in names}
 
         def make_term(x: Any, y: Tensor) -> Term:
@@ -158,7 +174,9 @@ class LossFunction:
 
         terms = [(n / total, make_term(x, y)) for n, (x, y) in zip(sizes, batches)]
         devices = sorted({p.device.index or 0 for p in theta.values() if p.device.type == "cuda"})
-        return cls(names, theta, terms, total, devices)
+        out = cls(names, theta, terms, total, devices)
+        out.batches = batches
+        return out
 
     @classmethod
     def from_function(cls, f: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor]) -> "LossFunction":
@@ -196,15 +214,51 @@ class LossFunction:
         return value.reshape(())
 
     def value(self) -> float:
-        """The loss at ``params``; ValueError if it is not a finite scalar."""
+        """The loss at ``params``; ValueError if it is not a finite scalar, or naming the problem when the model's
+        forward pass or the loss rejects the data (wrong input width, integer inputs to a float model, a dtype
+        that differs from the parameters')."""
         total = 0.0
         with torch.no_grad(), self.context():
             for i, (w, term) in enumerate(self.terms):
-                v = float(self.check_term(i, term(self.params)))
+                try:
+                    out = term(self.params)
+                except (RuntimeError, TypeError, IndexError) as e:
+                    if self.batches is None:
+                        raise
+                    raise ValueError(explain_forward_error(e, i, self.batches[i][0], self.params)) from e
+                v = float(self.check_term(i, out))
                 if not math.isfinite(v):
                     raise NonFiniteLossError(f"the loss is not finite ({v}) at the given parameters (batch {i})")
                 total += w * v
         return total
+
+
+def random_train_mode_modules(model: nn.Module) -> list[str]:
+    """Names of submodules that draw random numbers in the model's current mode: Dropout variants with ``p > 0``
+    and RReLU, in training mode."""
+    out = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        if (isinstance(m, nn.modules.dropout._DropoutNd) and float(getattr(m, "p", 0.0)) > 0) \
+                or isinstance(m, nn.RReLU):
+            out.append(f"{name or '<model>'} ({type(m).__name__}{f' p={m.p}' if hasattr(m, 'p') else ''})")
+    return out
+
+
+def warn_train_mode_randomness(model: nn.Module) -> None:
+    """Warn (``UserWarning``) when the model is evaluated with train-mode randomness active (see
+    :func:`random_train_mode_modules`): the loss is then one random sub-network's, fixed by the RNG state captured
+    at construction, and a Hessian with another mask can differ by tens of percent."""
+    names = random_train_mode_modules(model)
+    if names:
+        import warnings
+
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        warnings.warn(f"train-mode randomness is active in the model ({len(names)} module(s): {shown}): the loss and "
+                      "its Hessian use one frozen dropout mask, i.e. one random sub-network, and another mask gives a "
+                      "different Hessian; call model.eval() (or set dropout p=0) to measure the deterministic loss",
+                      UserWarning, stacklevel=4)
 
 
 def _pure_module(model: nn.Module) -> nn.Module:
@@ -222,3 +276,110 @@ def _pure_module(model: nn.Module) -> nn.Module:
             m.running_var = None
             m.num_batches_tracked = None
     return clone
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# devices and data diagnostics
+def resolve_device(device: Any) -> torch.device:
+    """``device`` (a string, index or ``torch.device``) as a ``torch.device`` that exists on this machine.
+
+    ValueError naming the problem for an unparsable name, ``"meta"`` (no data), a CUDA/MPS device that is not
+    available, or a CUDA index beyond ``torch.cuda.device_count()``. ``"cuda"`` means the current CUDA device."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device={device!r} is not a device name (use 'cpu', 'cuda', 'cuda:N' or 'mps')") from e
+    if dev.type == "meta":
+        raise ValueError("device='meta' holds no data; a Hessian needs real tensors (use 'cpu' or 'cuda')")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}, built with CUDA {torch.version.cuda}); use device='cpu'")
+        count = torch.cuda.device_count()
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if index >= count:
+            raise ValueError(f"device={str(device)!r} does not exist: this machine has {count} CUDA device(s) "
+                             f"(cuda:0..cuda:{count - 1})")
+        return torch.device("cuda", index)
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device={str(device)!r}: MPS is not available on this machine; use device='cpu'")
+    return dev
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        ia = torch.cuda.current_device() if a.index is None else a.index
+        ib = torch.cuda.current_device() if b.index is None else b.index
+        return ia == ib
+    return True
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    devs = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    if not devs:
+        return None
+    if len(devs) > 1:
+        raise ValueError(f"the model's parameters and buffers are on several devices {sorted(map(str, devs))}; "
+                         "a Hessian needs them on one device (model.to(device))")
+    dev = next(iter(devs))
+    if dev.type == "meta":
+        raise ValueError("the model's parameters are on the 'meta' device (no data); materialise them first "
+                         "(model.to_empty(device=...) and load weights)")
+    return dev
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _move(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: _move(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_move(v, device) for v in obj)
+    return obj
+
+
+def _place_batch(index: int, batch: tuple[Any, Tensor], device: torch.device, move: bool) -> tuple[Any, Tensor]:
+    """The batch on ``device``: moved if ``move``, else ValueError when a tensor of it is elsewhere."""
+    if move:
+        return _move(batch[0], device), _move(batch[1], device)
+    for what, part in (("inputs", batch[0]), ("targets", batch[1])):
+        for t in _tensors(part):
+            if not _same_device(t.device, device):
+                raise ValueError(f"data: the {what} of batch {index} are on {t.device} but the model is on {device}; "
+                                 f"move the data (.to({str(device)!r})) or pass device={str(device)!r} to move it")
+    return batch
+
+
+def explain_forward_error(error: BaseException, index: int, inputs: Any, params: Mapping[str, Tensor]) -> str:
+    """A one-line ValueError message for a forward pass (or loss) that raised ``error`` on batch ``index``."""
+    msg = str(error).splitlines()[0] if str(error) else type(error).__name__
+    xs = _tensors(inputs)
+    pdtype = next(iter(params.values())).dtype
+    x = xs[0] if xs else None
+    where = f"batch {index}"
+    if x is not None:
+        where += f" (inputs of shape {tuple(x.shape)}, dtype {x.dtype})"
+    if x is not None and x.is_floating_point() and x.dtype != pdtype:
+        return (f"data: the inputs of batch {index} are {x.dtype} but the model's parameters are {pdtype}; convert "
+                f"the data (X.to({pdtype})) or the model (model.to({x.dtype})) [{msg}]")
+    if x is not None and not x.is_floating_point() and not x.is_complex() and (
+            "dtype" in msg.lower() or "scalar type" in msg.lower() or "expected" in msg.lower()
+            or "not implemented for" in msg.lower()):
+        return (f"data: the inputs of batch {index} are integers ({x.dtype}) but the model expects floating-point "
+                f"inputs ({pdtype}); convert them with X.to({pdtype}) (integer inputs are for nn.Embedding) [{msg}]")
+    shape_words = ("shape", "size", "dimension", "mat1", "mat2", "expected input", "channels")
+    if any(w in msg.lower() for w in shape_words):
+        return f"data: the model or the loss rejected the shape of {where}: {msg}; check the input width and shape"
+    return f"the model's forward pass or the loss failed on {where}: {type(error).__name__}: {msg}"

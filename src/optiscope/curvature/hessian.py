@@ -17,6 +17,7 @@ are comparable by cost. ``Hessian.n_hvp`` counts all of them since construction.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -151,43 +152,81 @@ class Hessian:
     params : list of parameter names, optional
         The subset to differentiate (the rest are held fixed). Default: all parameters that require grad.
     chunk_size : int, optional
-        Vectors per ``vmap`` call in :meth:`hvp_batch`; default derived from ``memory_budget_mb``.
+        Fixed number of vectors per batched second backward in :meth:`hvp_batch`. Default (None): chosen by
+        measured speed (see below), never above the memory bound.
     memory_budget_mb : float
-        Memory allowed for one batched HVP call (used when ``chunk_size`` is None).
+        Memory allowed for the kept gradient graphs, and (separately) for one batched second backward.
     batch_mode : ``"double-backward"`` (default), ``"forward-over-reverse"`` or ``"reverse-over-reverse"``
-        AD mode of :meth:`hvp_batch`. ``"double-backward"`` builds the gradient graph once per :meth:`hvp_batch`
-        call (``create_graph=True``) and runs only the second backward pass per chunk of vectors, batched with
-        ``is_grads_batched`` (vmap over the backward pass), or one vector at a time where an op has no batching
-        rule; it falls back to the torch.func modes if the loss is not twice differentiable by autograd. The two
-        torch.func modes rebuild the graph inside ``vmap`` for every chunk (forward-over-reverse: ``jvp`` of
-        ``grad``; reverse-over-reverse: ``vjp`` of ``grad``). All are exact; ``docs/benchmarks.md`` compares them.
+        ``"double-backward"``: autograd builds the gradient graph ``g = dL/dtheta`` (``create_graph=True``) and each
+        HVP is one second backward pass ``H v = d<g, v>/dtheta`` through it (batched over vectors with
+        ``is_grads_batched``, or one vector at a time where an op has no batching rule). If autograd cannot
+        differentiate the loss twice (a cut graph), it falls back to the torch.func modes for good
+        (``graph_fallback_reason``). The torch.func modes rebuild the computation inside ``vmap`` for every chunk
+        (forward-over-reverse: ``jvp`` of ``grad``; reverse-over-reverse: ``vjp`` of ``grad``). All are exact.
+    keep_graph : bool or None
+        ``None`` (default): keep the gradient graph of each batch of data between HVP calls while the graphs fit
+        ``memory_budget_mb``; ``True``: keep all; ``False``: rebuild per call.
+    device : str, int, torch.device or None
+        ``None`` (default): the model's device, and the data must be on it. Otherwise a device that exists and
+        holds the model; the data are moved to it. Vectors passed to :meth:`hvp` are moved to it.
+
+    Graph reuse: when the graph is kept and when it is dropped
+    ----------------------------------------------------------
+    The gradient graph is built at the first HVP (:meth:`hvp`, :meth:`hvp_batch` or any estimator) for the
+    batches of data, in data order, whose measured graph size (saved tensors of the forward pass and the first
+    backward pass) fits in ``memory_budget_mb`` together with the batches before them; those graphs are kept, so
+    every later HVP costs one second backward pass. Batches that do not fit are rebuilt for every call (a call of
+    :meth:`hvp_batch` builds each once for all its vectors). The parameters are a snapshot, so a kept graph never
+    goes stale. It is dropped by :meth:`release`, at the end of a ``with Hessian(...) as H:`` block, when autograd
+    turns out unable to differentiate it twice (fallback to torch.func), or when the ``Hessian`` is garbage
+    collected. After :meth:`release` the Hessian still works: the next HVP rebuilds the graph.
+
+    Chunk size by measured speed
+    ----------------------------
+    With ``chunk_size=None`` the first :meth:`hvp_batch` calls time their own work: chunks of 1, 1, 2, 4, 8, ...
+    vectors (up to the memory bound), each a real part of the requested product, until the time per vector stops
+    improving (at least up to 8); the fastest size is then used and cached per model class, parameter shapes,
+    data shapes, dtype, device and mode (``CHUNK_CACHE``), so the batched HVP is never slower per vector than the
+    one-vector loop (size 1) by more than timing noise, and no HVP is spent on the measurement.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Any,
                  params: Iterable[str] | None = None, chunk_size: int | None = None,
                  memory_budget_mb: float = 512.0, batch_mode: str = "double-backward", *,
-                 _problem: LossFunction | None = None):
-        problem = _problem if _problem is not None else LossFunction.from_model(model, loss_fn, data, params)
-        self._init(problem, chunk_size, memory_budget_mb, batch_mode)
+                 keep_graph: bool | None = None, device: Any = None, _problem: LossFunction | None = None):
+        problem = (_problem if _problem is not None
+                   else LossFunction.from_model(model, loss_fn, data, params, device=device))
+        self._init(problem, chunk_size, memory_budget_mb, batch_mode, keep_graph)
         self._module_of = {n: n.rsplit(".", 1)[0] if "." in n else n for n in self.param_names}
+        if model is not None:
+            self._cache_key = (type(model).__qualname__, tuple(tuple(s) for s in self.shapes.values()),
+                               tuple(_shape_signature(b) for b in (problem.batches or [])), str(self.dtype),
+                               str(self.device), batch_mode)
 
     @classmethod
     def from_function(cls, f: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor],
                       chunk_size: int | None = None, memory_budget_mb: float = 512.0,
-                      batch_mode: str = "double-backward") -> "Hessian":
+                      batch_mode: str = "double-backward", keep_graph: bool | None = None) -> "Hessian":
         """Hessian of an arbitrary scalar function ``f(params_dict) -> Tensor`` at ``params`` (a dict of tensors)."""
         problem = LossFunction.from_function(f, params)
-        return cls(None, None, None, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb,
-                   batch_mode=batch_mode, _problem=problem)
+        H = cls(None, None, None, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb,
+                batch_mode=batch_mode, keep_graph=keep_graph, _problem=problem)
+        H._cache_key = (getattr(f, "__qualname__", type(f).__name__),
+                        tuple(tuple(s) for s in H.shapes.values()), str(H.dtype), str(H.device), batch_mode)
+        return H
 
     def _init(self, problem: LossFunction, chunk_size: int | None, memory_budget_mb: float,
-              batch_mode: str) -> None:
+              batch_mode: str, keep_graph: bool | None = None) -> None:
         if batch_mode not in BATCH_MODES:
             raise ValueError(f"batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
+        if keep_graph not in (None, True, False):
+            raise ValueError(f"keep_graph must be None, True or False, got {keep_graph!r}")
         self.batch_mode = batch_mode
+        self.keep_graph = keep_graph
         if chunk_size is not None:
             _check_int("chunk_size", chunk_size, 1)
-        if not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0):
+        if not (isinstance(memory_budget_mb, (int, float)) and not isinstance(memory_budget_mb, bool)
+                and memory_budget_mb > 0):
             raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb!r}")
         self._problem = problem
         self.param_names: list[str] = list(problem.names)
@@ -203,14 +242,37 @@ class Hessian:
         offsets = np.cumsum([0] + [self.sizes[n] for n in self.param_names])
         self.offsets: dict[str, int] = {n: int(o) for n, o in zip(self.param_names, offsets[:-1])}
         self.n_hvp = 0
-        self.hvp_mode: str | None = None  # "forward-over-reverse" | "reverse-over-reverse"
+        self.hvp_mode: str | None = None  # torch.func mode once resolved: "forward-over-reverse" | ...
         self._vmap_ok = True
         self._graph_ok = batch_mode == "double-backward"
         self._graph_batched_ok = True
         self._memory_budget = float(memory_budget_mb) * 2 ** 20
         self._chunk_size = chunk_size
-        self._loss_value = problem.value()  # validates: scalar and finite
+        self._max_chunk: int | None = None
+        self._kept: _Graph | None = None  # the kept gradient graph (weighted sum over the kept batches)
+        self._kept_terms: list[int] | None = None  # which batches are kept; the rest are rebuilt per call
+        self.graph_bytes: int | None = None  # measured saved-tensor bytes of the kept graph
+        self.n_graph_builds = 0
+        self._cache_key: tuple = ("function", id(problem))
+        self._loss_value = problem.value()  # validates: scalar and finite, data accepted by the model
         self._module_of: dict[str, str] = {n: n for n in self.param_names}
+
+    # ---------------------------------------------------------------------------------------------- lifetime
+    def release(self) -> None:
+        """Drop the kept gradient graph now (its memory is freed); the next HVP rebuilds it."""
+        self._kept = None
+        self._kept_terms = None
+
+    def __enter__(self) -> "Hessian":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    @property
+    def graph_kept(self) -> bool:
+        """Whether a gradient graph is currently kept between HVP calls."""
+        return self._kept is not None
 
     # ---------------------------------------------------------------------------------------------- basics
     def loss(self) -> float:
@@ -229,12 +291,25 @@ class Hessian:
 
     @property
     def chunk_size(self) -> int:
-        """Vectors per vmap call: given, or ``memory_budget / (bytes per vector)`` estimated from one backward."""
-        if self._chunk_size is None:
-            self._chunk_size = self._estimate_chunk()
-        return self._chunk_size
+        """Vectors per batched second backward: given; else the size chosen by measured speed once known; else
+        the memory bound (``memory_budget / bytes per vector``, from the measured graph size)."""
+        if self._chunk_size is not None:
+            return self._chunk_size
+        chosen = CHUNK_CACHE.get(self._cache_key, {}).get("chosen")
+        return min(chosen, self.max_chunk_size) if chosen else self.max_chunk_size
 
-    def _estimate_chunk(self) -> int:
+    @property
+    def max_chunk_size(self) -> int:
+        """The memory bound on vectors per batched call: ``memory_budget // (graph bytes + 4 x parameter bytes)``."""
+        if self._chunk_size is not None:
+            return self._chunk_size
+        if self._max_chunk is None:
+            per_vector = self._measure_graph_bytes(0) + 4 * self.numel * first_element_size(self.params) + 1
+            self._max_chunk = int(max(1, min(1024, self._memory_budget // per_vector)))
+        return self._max_chunk
+
+    def _measure_graph_bytes(self, index: int) -> int:
+        """Bytes saved for backward by the forward pass and the ``create_graph`` first backward of batch ``index``."""
         saved = [0]
 
         def pack(t: Tensor) -> Tensor:
@@ -242,13 +317,15 @@ class Hessian:
             return t
 
         params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
-        w, term = max(self._problem.terms, key=lambda t: t[0])
-        with self._problem.context(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = term(params)
-        del loss
-        param_bytes = self.numel * first_element_size(self.params)
-        per_vector = 3 * saved[0] + 6 * param_bytes + 1
-        return int(max(1, min(1024, self._memory_budget // per_vector)))
+        w, term = self._problem.terms[index]
+        try:
+            with self._problem.context(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = term(params)
+                if loss.requires_grad:
+                    torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+        except (RuntimeError, NotImplementedError):
+            pass
+        return saved[0]
 
     # ---------------------------------------------------------------------------------------------- flat helpers
     def flatten(self, v: Mapping[str, Tensor]) -> Tensor:
@@ -283,7 +360,12 @@ class Hessian:
                     B = t.shape[0]
                 elif t.shape[0] != B:
                     raise ValueError(f"V[{n!r}] has batch size {t.shape[0]}, others have {B}")
-            out[n] = t.to(dtype=self.dtype, device=self.device)
+            if t.is_complex():
+                raise ValueError(f"v[{n!r}] is complex ({t.dtype}); the Hessian acts on real vectors")
+            t = t.to(dtype=self.dtype, device=self.device)
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"v[{n!r}] contains NaN or infinite entries; H v is defined for finite vectors")
+            out[n] = t
         return out
 
     # ---------------------------------------------------------------------------------------------- HVP core
@@ -332,76 +414,125 @@ class Hessian:
         self.fallback_reason = str(first).splitlines()[0] if str(first) else type(first).__name__
 
     def hvp(self, v: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``H v`` for a parameter dict ``v`` (one HVP). Default: the second backward pass through one gradient graph
-        (autograd double backward, ``batch_mode="double-backward"``); where autograd cannot differentiate the loss
-        twice, forward-over-reverse via torch.func, falling back to reverse-over-reverse (``hvp_mode``)."""
+        """``H v`` for a parameter dict ``v`` (one HVP; NaN/inf entries are a ValueError).
+
+        Default: one second backward pass through the kept gradient graph (autograd double backward, see the class
+        docstring for when the graph is kept); where autograd cannot differentiate the loss twice, forward-over-
+        reverse via torch.func, falling back to reverse-over-reverse (``hvp_mode``)."""
         v = self._check_vector(v, batched=False)
-        if self._graph_ok:
-            parts = self._hvp_double_backward({n: t[None] for n, t in v.items()}, 1, 1)
-            if parts is not None:
-                self.n_hvp += 1
-                return {n: parts[0][n][0] for n in self.param_names}
-        self._resolve_mode()
-        with self._problem.context():
-            out = self._hvp_all(v, self.hvp_mode, batched=False)
+        out = self._apply(v, batched=False)
         self.n_hvp += 1
         return out
 
     def hvp_batch(self, V: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``[H v_1, ..., H v_B]`` for ``V[name]`` of shape ``[B, *shape]``: vmap in memory-bounded chunks."""
+        """``[H v_1, ..., H v_B]`` for ``V[name]`` of shape ``[B, *shape]``: batched second backward passes through
+        the kept gradient graph in chunks whose size is chosen by measured speed (class docstring)."""
         V = self._check_vector(V, batched=True)
         B = V[self.param_names[0]].shape[0]
         if B == 0:
             return {n: torch.empty(0, *self.shapes[n], dtype=self.dtype, device=self.device)
                     for n in self.param_names}
-        c = self.chunk_size
-        parts = None
-        if self._graph_ok:
-            parts = self._hvp_double_backward(V, B, c)
-        if parts is None:
-            self._resolve_mode()
-            parts = []
-            with self._problem.context():
-                for s in range(0, B, c):
-                    parts.append(self._hvp_chunk({n: t[s:s + c] for n, t in V.items()}))
+        out = self._apply(V, batched=True)
         self.n_hvp += B
-        return {n: torch.cat([p[n] for p in parts]) for n in self.param_names}
+        return out
 
-    def _hvp_double_backward(self, V: dict[str, Tensor], B: int, c: int) -> list[dict[str, Tensor]] | None:
-        """``H v`` for all vectors of ``V`` from one gradient graph: ``g = dL/dtheta`` with ``create_graph=True``
-        once, then ``H v = d<g, v>/dtheta`` per chunk (``is_grads_batched``), or per vector where batching fails.
-        Returns None (and disables this path) if autograd cannot differentiate the loss twice."""
+    def _apply(self, V: dict[str, Tensor], batched: bool) -> dict[str, Tensor]:
+        """``H V`` (``V`` one vector, or ``[B, ...]`` when ``batched``) by double backward, else torch.func."""
+        if self._graph_ok:
+            out = self._apply_graphs(V, batched)
+            if out is not None:
+                return out
+        self._resolve_mode()
+        with self._problem.context():
+            if not batched:
+                return self._hvp_all(V, self.hvp_mode, batched=False)
+            return self._run_chunks(self._hvp_chunk, V)
+
+    # ------------------------------------------------------------------------------ gradient graphs
+    def _build_graph(self, terms: list[int]) -> "_Graph":
+        """The gradient graph of ``sum_{b in terms} w_b L_b`` (``create_graph=True``); RuntimeError if it is cut."""
         names = self.param_names
+        with self._problem.context():
+            leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+            loss = None
+            for i in terms:
+                w, term = self._problem.terms[i]
+                li = self._problem.check_term(i, term(leaves))
+                li = li if len(self._problem.terms) == 1 else w * li
+                loss = li if loss is None else loss + li
+            grads = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=True, allow_unused=True)
+        self.n_graph_builds += 1
+        if any(g is not None and not g.requires_grad for g in grads):
+            # the gradient graph is cut (an op whose backward is not differentiable by autograd, or a loss with a
+            # constant gradient): let the torch.func modes decide, never return silent zeros
+            raise RuntimeError("the gradient does not require grad: autograd cannot differentiate it again")
+        grads = [g if g is not None else torch.zeros_like(leaves[n]).requires_grad_(True)
+                 for g, n in zip(grads, names)]  # parameters the loss does not use: their rows of H are zero
+        return _Graph(grads, [leaves[n] for n in names])
+
+    def _plan_graphs(self) -> None:
+        """Decide which batches keep their graph (in data order, while the measured sizes fit the budget)."""
+        n_terms = len(self._problem.terms)
+        if self.keep_graph is False:
+            self._kept_terms = []
+            return
+        if self.keep_graph is True or n_terms == 1:
+            sizes = [self._measure_graph_bytes(0)] if n_terms == 1 else [0] * n_terms
+            self.graph_bytes = sizes[0] if n_terms == 1 else None
+            if n_terms == 1 and self.keep_graph is None and sizes[0] > self._memory_budget:
+                self._kept_terms = []
+                return
+            self._kept_terms = list(range(n_terms))
+            return
+        kept, total = [], 0
+        for i in range(n_terms):
+            b = self._measure_graph_bytes(i)
+            if total + b > self._memory_budget:
+                break
+            kept.append(i)
+            total += b
+        self.graph_bytes = total
+        self._kept_terms = kept
+
+    def _apply_graphs(self, V: dict[str, Tensor], batched: bool) -> dict[str, Tensor] | None:
+        """``H V`` through the kept graph plus, for batches that do not fit, graphs rebuilt for this call.
+        Returns None (and disables this path) if autograd cannot differentiate the loss twice."""
         try:
-            with self._problem.context():
-                leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
-                loss = sum(w * self._problem.check_term(i, term(leaves))
-                           for i, (w, term) in enumerate(self._problem.terms))
-                grads = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=True, allow_unused=True)
-                if any(g is not None and not g.requires_grad for g in grads):
-                    # the gradient graph is cut (an op whose backward is not differentiable by autograd, or a loss
-                    # with a constant gradient): let the torch.func modes decide, never return silent zeros
-                    raise RuntimeError("the gradient does not require grad: autograd cannot differentiate it again")
-                if any(g is None for g in grads):  # parameters the loss does not use: their rows of H are zero
-                    grads = [g if g is not None else torch.zeros_like(leaves[n]).requires_grad_(True)
-                             for g, n in zip(grads, names)]
-                inputs = [leaves[n] for n in names]
-                parts = []
-                for s in range(0, B, c):
-                    chunk = [V[n][s:s + c] for n in names]
-                    parts.append(self._second_backward(grads, inputs, chunk))
-            return parts
+            if self._kept_terms is None:
+                self._plan_graphs()
+            if self._kept_terms and self._kept is None:
+                self._kept = self._build_graph(self._kept_terms)
+            out = None
+            if self._kept is not None:
+                out = self._through(self._kept, V, batched)
+            for i in range(len(self._problem.terms)):
+                if i in self._kept_terms:
+                    continue
+                part = self._through(self._build_graph([i]), V, batched)  # dropped after this call
+                w = self._problem.terms[i][0] if len(self._problem.terms) > 1 else 1.0
+                out = ({n: w * part[n] for n in part} if out is None else {n: out[n] + w * part[n] for n in out})
+            return out
         except (RuntimeError, NotImplementedError) as e:
             self._graph_ok = False
+            self.release()
             self.graph_fallback_reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             return None
 
-    def _second_backward(self, grads: list[Tensor], inputs: list[Tensor], chunk: list[Tensor]) -> dict[str, Tensor]:
+    def _through(self, graph: "_Graph", V: dict[str, Tensor], batched: bool) -> dict[str, Tensor]:
         names = self.param_names
+        if not batched:
+            hv = torch.autograd.grad(graph.grads, graph.inputs, grad_outputs=[V[n] for n in names],
+                                     retain_graph=True, allow_unused=True, materialize_grads=True)
+            return {n: h.detach() for n, h in zip(names, hv)}
+        return self._run_chunks(lambda chunk: self._second_backward(graph, chunk), V)
+
+    def _second_backward(self, graph: "_Graph", V: dict[str, Tensor]) -> dict[str, Tensor]:
+        names = self.param_names
+        chunk = [V[n] for n in names]
         b = chunk[0].shape[0]
         if self._graph_batched_ok and b > 1:
             try:
-                hv = torch.autograd.grad(grads, inputs, grad_outputs=chunk, retain_graph=True,
+                hv = torch.autograd.grad(graph.grads, graph.inputs, grad_outputs=chunk, retain_graph=True,
                                          is_grads_batched=True, allow_unused=True, materialize_grads=True)
                 return {n: h.detach() for n, h in zip(names, hv)}
             except (RuntimeError, NotImplementedError) as e:
@@ -409,8 +540,8 @@ class Hessian:
                 self.vmap_fallback_reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         cols = []
         for k in range(b):
-            hv = torch.autograd.grad(grads, inputs, grad_outputs=[t[k] for t in chunk], retain_graph=True,
-                                     allow_unused=True, materialize_grads=True)
+            hv = torch.autograd.grad(graph.grads, graph.inputs, grad_outputs=[t[k] for t in chunk],
+                                     retain_graph=True, allow_unused=True, materialize_grads=True)
             cols.append([h.detach() for h in hv])
         return {n: torch.stack([col[j] for col in cols]) for j, n in enumerate(names)}
 
@@ -426,12 +557,47 @@ class Hessian:
         cols = [self._hvp_all({n: t[b] for n, t in V.items()}, mode, batched=False) for b in range(B)]
         return {n: torch.stack([c[n] for c in cols]) for n in self.param_names}
 
+    # ------------------------------------------------------------------------------ chunking by measured speed
+    def _run_chunks(self, fn: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+                    V: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``fn`` over consecutive chunks of the ``B`` vectors of ``V``; sizes from :class:`_ChunkChooser`."""
+        B = V[self.param_names[0]].shape[0]
+        if self._chunk_size is not None:
+            chooser = None
+        else:
+            chooser = _ChunkChooser(CHUNK_CACHE.setdefault(self._cache_key, {}), self.max_chunk_size,
+                                    self.device)
+        parts, s = [], 0
+        while s < B:
+            if chooser is None:
+                c, timed = min(self._chunk_size, B - s), False
+            else:
+                c, timed = chooser.next(B - s)
+            chunk = {n: t[s:s + c] for n, t in V.items()}
+            if timed:
+                t0 = chooser.clock()
+                parts.append(fn(chunk))
+                chooser.record(c, chooser.clock() - t0)
+            else:
+                parts.append(fn(chunk))
+            s += c
+        if len(parts) == 1:
+            return parts[0]
+        return {n: torch.cat([p[n] for p in parts]) for n in self.param_names}
+
     def _matmat(self, X: Tensor) -> Tensor:
-        """Flat ``[B, n] -> [B, n]``: ``H X^T`` row by row."""
-        return self.flatten(self.hvp_batch(self.unflatten(X)))
+        """Flat ``[B, n] -> [B, n]``: ``H X^T`` row by row (internal vectors: no validation)."""
+        B = X.shape[0]
+        if B == 0:
+            return X.clone()
+        out = self.flatten(self._apply(self.unflatten(X.to(dtype=self.dtype, device=self.device)), batched=True))
+        self.n_hvp += B
+        return out
 
     def _matvec(self, x: Tensor) -> Tensor:
-        return self.flatten(self.hvp(self.unflatten(x)))
+        out = self.flatten(self._apply(self.unflatten(x.to(dtype=self.dtype, device=self.device)), batched=False))
+        self.n_hvp += 1
+        return out
 
     # ---------------------------------------------------------------------------------------------- coordinates
     def layers(self, by: str = "param") -> dict[str, list[str]]:
@@ -498,7 +664,7 @@ class Hessian:
     def _unit_columns(self, flat_idx: Tensor, reduce: Callable[[Tensor, Tensor], Tensor]) -> list[Tensor]:
         """Apply ``reduce(H[:, chunk]^T as [c, n], chunk)`` over memory-bounded chunks of columns ``flat_idx``."""
         out = []
-        c = self.chunk_size
+        c = self.max_chunk_size
         for s in range(0, flat_idx.numel(), c):
             chunk = flat_idx[s:s + c]
             E = torch.zeros(chunk.numel(), self.numel, dtype=self.dtype, device=self.device)
@@ -545,7 +711,7 @@ class Hessian:
         before = self.n_hvp
         s1 = torch.zeros(self.numel, dtype=torch.float64, device=self.device)
         s2 = torch.zeros_like(s1)
-        c = self.chunk_size
+        c = self.max_chunk_size
         for s in range(0, n_probes, c):
             b = min(c, n_probes - s)
             Z = _rademacher((b, self.numel), g, self.dtype, self.device)
@@ -676,7 +842,7 @@ class Hessian:
         before = self.n_hvp
         V = _rademacher((n_probes, self.numel), g, self.dtype, self.device)
         basis_bytes = m * self.numel * first_element_size(self.params)
-        group = int(max(1, min(n_probes, self.chunk_size, self._memory_budget // max(basis_bytes, 1))))
+        group = int(max(1, min(n_probes, self.max_chunk_size, self._memory_budget // max(basis_bytes, 1))))
         parts = [_batched_lanczos_quadrature(self._matmat, V[s:s + group], m, g) for s in range(0, n_probes, group)]
         nodes = np.concatenate([p[0] for p in parts])
         weights = np.concatenate([p[1] for p in parts])
@@ -775,6 +941,86 @@ class Hessian:
 
 
 BATCH_MODES = ("double-backward", "forward-over-reverse", "reverse-over-reverse")
+
+#: Measured chunk sizes per problem signature (model class, parameter and data shapes, dtype, device, mode):
+#: ``{"times": {size: best seconds per vector}, "chosen": size or None}``. Filled by the first batched HVPs.
+CHUNK_CACHE: dict[tuple, dict] = {}
+
+
+@dataclass
+class _Graph:
+    """A gradient graph ``grads = dL/d inputs`` built with ``create_graph=True`` (kept alive by ``grads``)."""
+    grads: list[Tensor]
+    inputs: list[Tensor]
+
+
+def _shape_signature(batch: tuple[Any, Tensor]) -> tuple:
+    def sig(obj):
+        if isinstance(obj, Tensor):
+            return (tuple(obj.shape), str(obj.dtype))
+        if isinstance(obj, Mapping):
+            return tuple((k, sig(v)) for k, v in obj.items())
+        if isinstance(obj, (tuple, list)):
+            return tuple(sig(v) for v in obj)
+        return type(obj).__name__
+    return sig(batch)
+
+
+class _ChunkChooser:
+    """Chooses vectors per batched second backward by timing real chunks (no extra HVPs).
+
+    Exploration sizes ``1, 1, 2, 4, 8, ...`` up to the memory bound; the time per vector of each size is the minimum
+    over its timed chunks. After a size ``>= 8`` (or the bound) that is not faster than the best so far by 3%, the
+    best size is chosen for good. Sizes are those of the ``state`` dict shared through :data:`CHUNK_CACHE`."""
+
+    def __init__(self, state: dict, bound: int, device: torch.device):
+        self.state = state
+        state.setdefault("times", {})
+        state.setdefault("counts", {})
+        state.setdefault("chosen", None)
+        self.bound = max(1, int(bound))
+        self.sync = device.type == "cuda"
+
+    def clock(self) -> float:
+        """Wall time in seconds (synchronising CUDA first)."""
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _best(self) -> int:
+        times = {s: t for s, t in self.state["times"].items() if s <= self.bound}
+        return min(times, key=times.get) if times else 1
+
+    def next(self, remaining: int) -> tuple[int, bool]:
+        """``(chunk size, whether to time it)`` for the next chunk of ``remaining`` vectors."""
+        chosen = self.state["chosen"]
+        if chosen is not None:
+            return min(chosen, self.bound, remaining), False
+        counts = self.state["counts"]
+        size = 1
+        while counts.get(size, 0) >= (2 if size == 1 else 1) and size < self.bound:
+            size = min(2 * size, self.bound)
+        if counts.get(size, 0) >= (2 if size == 1 else 1):  # explored everything up to the bound
+            self._decide()
+            return min(self.state["chosen"], remaining), False
+        if size > remaining:
+            return min(self._best(), remaining), False
+        return size, True
+
+    def record(self, size: int, seconds: float) -> None:
+        """Record one timed chunk and decide once the time per vector stops improving."""
+        per = seconds / size
+        times, counts = self.state["times"], self.state["counts"]
+        previous_best = min(times.values()) if times else math.inf
+        times[size] = min(times.get(size, math.inf), per)
+        counts[size] = counts.get(size, 0) + 1
+        if size >= min(8, self.bound) and per > 0.97 * previous_best:
+            self._decide()
+        elif size >= self.bound:
+            self._decide()
+
+    def _decide(self) -> None:
+        self.state["chosen"] = self._best()
 
 
 def first_element_size(params: Mapping[str, Tensor]) -> int:
