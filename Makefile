@@ -10,7 +10,7 @@ DEBIAN_DATA := dataset-fashion-mnist fortunes
 STAMP := $(VENV)/.optiscope-installed
 OUT ?= runs/demo
 
-.PHONY: setup data demo test test-all bench lint clean
+.PHONY: setup data demo test test-all bench lint clean docs papers
 
 setup: $(STAMP)
 
@@ -45,6 +45,16 @@ test-all: setup data
 bench: setup data
 	@$(PIP) install -q -e '.[bench]' || echo "warning: some benchmark baselines failed to install; they will be skipped"
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# API reference (HTML, from the docstrings) into docs/api/ (not committed; open docs/api/index.html).
+docs: setup
+	@$(PY) -c "import pdoc" 2>/dev/null || $(PIP) install -q -c constraints/torch.txt 'pdoc>=14'
+	$(PY) -m pdoc --docformat restructuredtext -o docs/api optiscope
+	@echo "API reference: docs/api/index.html"
+
+# docs/papers.md: papers -> experiments, claims and citing functions, generated from the registry.
+papers: setup
+	$(PY) -m optiscope.report.paper_index docs/papers.md
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from optiscope.cli._common import claims_table, fail, warn_problems
+from optiscope.cli import _output
+from optiscope.cli._common import fail, warn_problems
 from optiscope.utils.progress import set_quiet
 
 console = Console(soft_wrap=True)
@@ -74,7 +75,7 @@ def show_store(store) -> None:
         if fv is not None:
             row += [_fmt(float(fv.loc[name, c])) if name in fv.index else "" for c in cols]
         table.add_row(*row)
-    console.print(table)
+    _output.print_table(table)
     if df is not None and not df.empty:
         fl = final_layer_values(df, "r_med")
         if fl is not None:
@@ -84,11 +85,11 @@ def show_store(store) -> None:
                 t2.add_column(str(c), justify="right")
             for layer, row in fl.iterrows():
                 t2.add_row(str(layer), *[_fmt(float(v)) for v in row])
-            console.print(t2)
+            _output.print_table(t2)
     if "results.json" in {p.name for p in store.root.iterdir()}:
         try:
             res = store.read_results()
-            console.print(claims_table(res.get("claims", []), title="claims", colored=False))
+            _output.print_table(_output.claims_table(res.get("claims", []), title="claims", colored=False))
         except Exception:
             pass
 
@@ -113,12 +114,14 @@ def register(app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", help="override a config field: key=value"),
         out: Path = typer.Option(Path("runs/compare"), "--out", help="run directory"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+        json_: bool = typer.Option(False, "--json", help="print the finished directory as JSON (docs/cli.md)"),
     ) -> None:
         """Several optimizers from the same init and batch order, with geometry probes at checkpoints."""
         from optiscope.lab.config import CompareConfig, run_compare
         from optiscope.lab.probes import split_probe_specs
 
         set_quiet(quiet)
+        _output.begin_json(json_)
         try:
             cfg = CompareConfig.from_file(config) if config is not None else None
             fields = {}
@@ -144,7 +147,9 @@ def register(app: typer.Typer) -> None:
         for n, r in res.runs.items():
             console.print(f"{n}: {r.status}")
         console.print(f"done in {time.perf_counter() - t0:.1f}s")
-        _finish(RunStore.open(out), quiet)
+        _finish(RunStore.open(out), quiet or json_)
+        if json_:
+            _output.emit_json(_output.store_json(RunStore.open(out)))
 
     @app.command("resume")
     def resume_cmd(
@@ -176,7 +181,8 @@ def register(app: typer.Typer) -> None:
         _finish(RunStore.open(run_dir), quiet)
 
     @app.command("show")
-    def show_cmd(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
+    def show_cmd(run_dir: Path = typer.Argument(..., help="run directory"),
+                 json_: bool = typer.Option(False, "--json", help="print JSON (shape in docs/cli.md)")) -> None:
         """Latest values per run and per-layer R_med; corrupt or partial files are named, valid data shown."""
         from optiscope.lab.store import RunStore
 
@@ -184,6 +190,9 @@ def register(app: typer.Typer) -> None:
             store = RunStore.open(run_dir)
         except _errors() as e:
             fail(_msg(e))
+        if json_:
+            _output.emit_json(_output.store_json(store))
+            return
         show_store(store)
 
     @app.command("plot")

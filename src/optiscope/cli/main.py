@@ -8,12 +8,12 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from optiscope.cli._common import claims_table, fail
+from optiscope.cli import _output
+from optiscope.cli._common import fail
 from optiscope.utils.progress import set_quiet
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=True, no_args_is_help=True,
                   help="optiscope: optimizers vs the geometry of the loss, checked against theory.")
 console = Console()
 
@@ -21,17 +21,33 @@ console = Console()
 COMMAND_MODULES = ["lab_cmds", "sgd_theory", "init_check"]
 
 
+def _version_callback(value: bool) -> None:
+    if value:
+        from optiscope import __version__
+
+        typer.echo(f"optiscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
+    """optiscope: optimizers vs the geometry of the loss, checked against theory."""
+
+
 
 
 @app.command("list")
-def list_experiments() -> None:
-    """List the registered experiments (one per seed claim)."""
-    from optiscope.experiments.base import registry
-
-    table = Table("name", "seed", "title", "presets")
-    for name, spec in registry().items():
-        table.add_row(name, spec.paper, spec.title, ", ".join(spec.presets))
-    console.print(table)
+def list_experiments(
+    json_: bool = typer.Option(False, "--json", help="print JSON (shape in docs/cli.md) instead of a table"),
+) -> None:
+    """List the registered experiments, each with the paper it reproduces and its presets."""
+    if json_:
+        _output.emit_json(_output.experiments_json())
+    else:
+        _output.print_table(_output.experiments_table())
 
 
 @app.command("run")
@@ -43,20 +59,25 @@ def run(
     set_: List[str] = typer.Option([], "--set", help="override a config field: key=value (repeatable)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML file of config fields"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    json_: bool = typer.Option(False, "--json", help="print results.json and the paths as JSON (docs/cli.md)"),
 ) -> None:
     """Run one registered experiment and write results.json, figures and report.md."""
     from optiscope.experiments.base import get, run_experiment
     from optiscope.report import write_report
 
     set_quiet(quiet)
+    _output.begin_json(json_)
     try:
         get(name)
         store = run_experiment(name, preset=preset, out=out, overrides=set_, config_file=config)
     except (KeyError, ValueError) as e:
         fail(str(e.args[0] if isinstance(e, KeyError) else e))
     report = write_report(store)
+    if json_:
+        _output.emit_json(_output.run_json(store, report))
+        return
     results = store.read_results()
-    console.print(claims_table(results["claims"], title=f"{name} ({preset})"))
+    _output.print_table(_output.claims_table(results["claims"], title=f"{name} ({preset})"))
     console.print(f"results: {store.path('results.json')}\nreport:  {report}")
 
 
