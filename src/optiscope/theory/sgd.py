@@ -55,7 +55,7 @@ __all__ = [
     "noise_amplitude",
     "noise_at_one",
     "noise_generating_function",
-    "noiseless_critical_lr",
+    "noiseless_critical_lr", "momentum_sharpness_threshold",
     "noiseless_stable",
     "optimal_lr_noise_dominated",
     "optimal_lr_signal_dominated",
@@ -556,6 +556,18 @@ def noiseless_stable(spectrum: Spectrum, lr: float, momentum: float) -> bool:
 def noiseless_critical_lr(spectrum: Spectrum, momentum: float) -> float:
     """``alpha = 2 (1 + beta) / lambda_max`` (Velikanov et al. 2023, App. H)."""
     return 2 * (1 + momentum) / spectrum.lambda_max
+
+
+def momentum_sharpness_threshold(lr: float, momentum: float = 0.0) -> float:
+    """The sharpness above which GD with heavy-ball momentum diverges: ``lambda_max > 2 (1 + beta) / alpha``
+    (Velikanov et al. 2023, App. H, Eq. 251, solved for lambda_max; ``2 / lr`` without momentum). Heavy-ball
+    ``theta' = theta - alpha g + beta (theta - theta_prev)`` and PyTorch's SGD momentum with a constant lr give the
+    same threshold. Raises ``ValueError`` unless ``lr > 0`` and ``|momentum| < 1``."""
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not abs(momentum) < 1:
+        raise ValueError(f"momentum must lie in (-1, 1), got {momentum!r}")
+    return 2.0 * (1.0 + momentum) / lr
 
 
 def critical_learning_rate(spectrum: Spectrum, momentum: float, batch_size: int, dataset_size: int | None = None,
