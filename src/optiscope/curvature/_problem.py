@@ -111,6 +111,7 @@ class LossFunction:
         self.n_samples = n_samples
         self._rng_devices = rng_devices or []
         self.batches: list[tuple[Any, Tensor]] | None = None  # the data (model problems only), for diagnostics
+        self.source: tuple | None = None  # (pure module, loss_fn, frozen params), model problems only
         self._cpu_state = torch.get_rng_state()
         self._cuda_states = ([torch.cuda.get_rng_state(d) for d in self._rng_devices]
                              if self._rng_devices else [])
@@ -176,6 +177,7 @@ class LossFunction:
         devices = sorted({p.device.index or 0 for p in theta.values() if p.device.type == "cuda"})
         out = cls(names, theta, terms, total, devices)
         out.batches = batches
+        out.source = (module, loss_fn, frozen)  # for structured second-order rules (curvature.diagonal)
         return out
 
     @classmethod
