@@ -22,15 +22,25 @@ DT = torch.float64
 
 
 def test_r_med_hand_computed():
-    r = r_med(torch.tensor([4.0, 1.0, 2.0, -0.5, 0.0]))
+    r = r_med(torch.tensor([4.0, 1.0, 2.0, -0.5, 0.0]), zeros="keep")
     assert r.median == 1.0 and r.max == 4.0 and r.value == 4.0
-    assert r.n_nonpositive == 2 and r.n == 5
-    r2 = r_med([4.0, 1.0, 2.0, -0.5, 0.0], delta=1.0)
+    assert r.n_nonpositive == 2 and r.n == 5 and r.n_zero == 0
+    r2 = r_med([4.0, 1.0, 2.0, -0.5, 0.0], delta=1.0, zeros="keep")
     assert r2.value == 2.0 and r2.delta == 1.0
     r3 = r_med([4.0, 1.0, 2.0, -3.0], absolute=True)  # |h| = 4,1,2,3 -> median 2.5
     assert r3.value == pytest.approx(4 / 2.5) and r3.n_nonpositive == 1
-    r4 = r_med([1.0, -2.0, -3.0])  # median <= 0: not a condition-number analogue
-    assert r4.value == math.inf and r4.n_nonpositive == 2
+    r4 = r_med([1.0, -2.0, -3.0])  # median <= 0: not a condition-number analogue -> undefined, never inf
+    assert math.isnan(r4.value) and not r4.defined and r4.n_nonpositive == 2 and "<= 0" in r4.reason
+    # exact zeros (unused embedding rows, dead units) are left out by default: median of [4, 1, 2, -0.5] = 1.5
+    r5 = r_med([4.0, 1.0, 2.0, -0.5, 0.0, 0.0])
+    assert r5.n == 4 and r5.n_zero == 2 and r5.median == 1.5 and r5.value == pytest.approx(4 / 1.5)
+    # mostly zeros: with zeros kept the median is 0 (the old silent inf); excluded, the ratio is over the rest
+    many = [0.0] * 7 + [3.0, 1.0, 2.0]
+    assert math.isnan(r_med(many, zeros="keep").value) and r_med(many).value == pytest.approx(1.5)
+    r6 = r_med([0.0, 0.0])
+    assert math.isnan(r6.value) and not r6.defined and r6.n_zero == 2 and "exactly 0" in r6.reason
+    with pytest.raises(ValueError, match="zeros"):
+        r_med([1.0], zeros="drop")
     d = {"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([2.0])}
     assert r_med(d).value == pytest.approx(1.5)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Hessian", "__version__"]
+__all__ = ["Hessian", "Tracker", "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from optiscope.curvature import Hessian
 
         return Hessian
+    if name == "Tracker":
+        from optiscope.lab.tracker import Tracker
+
+        return Tracker
     raise AttributeError(f"module 'optiscope' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """optiscope.lab: same-init trajectories of several optimizers with geometry probes, stored so nothing is lost.
 
 ``Problem``, ``Run``, ``compare``, ``switch``, ``repeat``, ``match_by_loss`` (``lab.run``), probes (``lab.probes``),
-``RunStore`` (``lab.store``), CLI-level configs (``lab.config``). See docs/architecture.md, section "lab".
+``RunStore`` (``lab.store``), ``Tracker`` (probes in your own loop, ``lab.tracker``), CLI-level configs (``lab.config``). See docs/architecture.md, section "lab".
 """
 
 from optiscope.lab.probes import PROBES, ProbeState, make_probe, make_probes, probe_guard
@@ -20,6 +20,7 @@ from optiscope.lab.run import (
     switch,
 )
 from optiscope.lab.store import RunStore, StoreError
+from optiscope.lab.tracker import MetricsLogger, Tracker
 
 __all__ = [
     "PROBES",
@@ -41,4 +42,6 @@ __all__ = [
     "repeat",
     "summarize_repeats",
     "switch",
+    "MetricsLogger",
+    "Tracker",
 ]

@@ -37,6 +37,7 @@ import hashlib
 import importlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,13 @@ from torch import nn
 from optiscope.utils.spec import SpecError, parse_spec, split_top_level
 
 ProbeFn = Callable[[Any, "ProbeState"], dict]
+
+#: the r_med probe warns when at least this fraction of a layer's sampled diagonal entries is exactly 0
+ZERO_DIAGONAL_WARN_FRACTION = 0.1
+
+
+class ProbeWarning(UserWarning):
+    """A measurement is valid but easy to misread (the message names the trap and what was recorded)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,9 +93,11 @@ class ProbeState:
         if "gradient" not in self.scratch:
             names = self.problem.param_names
             params = dict(self.model.named_parameters())
-            X, y = self.problem.probe_batch
+            batches = _probe_batches(self.problem)
+            total = sum(len(y) for _, y in batches)
             with torch.enable_grad():
-                loss = self.problem.loss_fn(pure_forward(self.model, X), y)
+                loss = sum(self.problem.loss_fn(pure_forward(self.model, X), y) * (len(y) / total)
+                           for X, y in batches)
                 grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
             self.scratch["gradient"] = {n: (torch.zeros_like(params[n]) if g is None else g.detach())
                                         for n, g in zip(names, grads)}
@@ -116,11 +126,14 @@ class ProbeState:
         return self.scratch[key]
 
     def preconditioner(self) -> dict[str, torch.Tensor] | None:
-        """The optimizer's current diagonal preconditioner P by parameter name, or None (non-adaptive)."""
+        """The optimizer's current diagonal preconditioner P by parameter name, or None (non-adaptive); see
+        :func:`optiscope.lab.conventions.diagonal_preconditioner`."""
+        from optiscope.lab.conventions import diagonal_preconditioner
+
         opt = self.optimizer
-        if opt is None or not hasattr(opt, "diagonal_preconditioner"):
+        pre = diagonal_preconditioner(opt)  # optiscope's exact optimizers and torch.optim's Adam/RMSprop/Adagrad
+        if pre is None:
             return None
-        pre = opt.diagonal_preconditioner()
         plist = [p for g in opt.param_groups for p in g["params"]]
         by_id = {id(p): n for n, p in self.model.named_parameters()}
         out = {}
@@ -154,14 +167,29 @@ def probe_guard(model: nn.Module) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
-def pure_forward(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
+def pure_forward(model: nn.Module, X: Any) -> Any:
     """``model(X)`` in the model's current mode without side effects: buffers (BatchNorm running statistics) are
-    replaced by copies through ``torch.func.functional_call`` and the global RNG (dropout) is forked."""
+    replaced by copies through ``torch.func.functional_call`` and the global RNG (dropout) is forked. ``X`` may be a
+    tensor, a tuple of tensors (``model(*X)``) or a dict of tensors (``model(**X)``)."""
+    from optiscope.lab.problem import call_args
+
+    args, kwargs = call_args(X)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     with torch.random.fork_rng(devices=[]):
         if not buffers:
-            return model(X)
-        return torch.func.functional_call(model, buffers, (X,), strict=False)
+            return model(*args, **kwargs)
+        return torch.func.functional_call(model, buffers, args, kwargs, strict=False)
+
+
+def _probe_batches(problem) -> list:
+    """The problem's probe data as a list of ``(inputs, targets)`` batches."""
+    pb = getattr(problem, "probe_batches", None)
+    return list(pb) if pb is not None else [problem.probe_batch]
+
+
+def _logits(out: Any) -> Any:
+    """The prediction tensor of a model output: the output itself, or its ``.logits`` (e.g. Hugging Face outputs)."""
+    return getattr(out, "logits", out)
 
 
 def _by_layer(problem, per_param: Mapping[str, float], reduce: str = "sum") -> dict[str, float]:
@@ -184,17 +212,30 @@ def _concat_by_layer(problem, per_param: Mapping[str, torch.Tensor]) -> dict[str
 
 @torch.no_grad()
 def _mean_loss_and_acc(problem, model, X, y, chunk: int = 4096, want_acc: bool = False) -> tuple[float, float | None]:
+    from optiscope.lab.problem import select
+
     total, correct, count = 0.0, 0.0, 0
-    for i in range(0, len(X), chunk):
-        xb, yb = X[i:i + chunk], y[i:i + chunk]
+    for i in range(0, len(y), chunk):
+        xb, yb = select(X, slice(i, i + chunk)), y[i:i + chunk]
         out = pure_forward(model, xb)
         n = len(xb)
         total += float(problem.loss_fn(out, yb)) * n
         count += n
         if want_acc:
-            pred = out.argmax(dim=-1)
+            pred = _logits(out).argmax(dim=-1)
             correct += float((pred == yb).float().mean()) * n
     return total / count, (correct / count if want_acc else None)
+
+
+def _mean_over(problem, model, batches, want_acc: bool = False) -> tuple[float, float | None]:
+    """Sample-weighted mean loss (and accuracy) over several ``(inputs, targets)`` batches."""
+    total = sum(len(y) for _, y in batches)
+    loss, acc = 0.0, 0.0
+    for X, y in batches:
+        lo, ac = _mean_loss_and_acc(problem, model, X, y, want_acc=want_acc)
+        loss += lo * len(y) / total
+        acc += (ac or 0.0) * len(y) / total
+    return loss, (acc if want_acc else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,8 +267,8 @@ class LossProbe(Probe):
         self.on = on
 
     def __call__(self, problem, state):
-        X, y = problem.train if self.on == "train" else problem.probe_batch
-        out = {"loss": _mean_loss_and_acc(problem, state.model, X, y)[0]}
+        out = {"loss": _mean_over(problem, state.model, [problem.train] if self.on == "train"
+                                  else _probe_batches(problem))[0]}
         if problem.eval is not None:
             out["eval_loss"] = _mean_loss_and_acc(problem, state.model, *problem.eval)[0]
         return out
@@ -246,8 +287,8 @@ class AccuracyProbe(Probe):
     def __call__(self, problem, state):
         if problem.task == "regression":
             return {}
-        X, y = problem.train if self.on == "train" else problem.probe_batch
-        out = {"accuracy": _mean_loss_and_acc(problem, state.model, X, y, want_acc=True)[1]}
+        out = {"accuracy": _mean_over(problem, state.model, [problem.train] if self.on == "train"
+                                      else _probe_batches(problem), want_acc=True)[1]}
         if problem.eval is not None:
             out["eval_accuracy"] = _mean_loss_and_acc(problem, state.model, *problem.eval, want_acc=True)[1]
         return out
@@ -301,7 +342,9 @@ class RMedProbe(Probe):
     """``r_med``: per layer, ``R_med = max_i h_i / (median_i h_i + delta)`` over ``per_layer`` sampled exact
     Hessian diagonal entries ``h_i = e_i^T H e_i`` (seed 000 §3.2, Eq. 1; spec §2f). The coordinates are sampled once
     per run (seed from the run) and reused at every checkpoint. Also records ``r_med_nonpositive`` (count of
-    h_i <= 0), the HVPs spent (``r_med_n_hvp``) and, with ``record_seconds=True``, the wall time
+    h_i <= 0), ``r_med_zeros`` (exact zeros, left out of max and median: ``metrics.r_med``; a layer with at least
+    ``ZERO_DIAGONAL_WARN_FRACTION`` of them, or without a defined ratio (recorded as NaN), gets one
+    :class:`ProbeWarning`), the HVPs spent (``r_med_n_hvp``) and, with ``record_seconds=True``, the wall time
     (``r_med_seconds``; off by default since a timing would make a resumed run's metrics differ from an
     uninterrupted one).
 
@@ -326,6 +369,7 @@ class RMedProbe(Probe):
         self.params = params if params is None or isinstance(params, str) else list(params)
         self.record_seconds = bool(record_seconds)
         self._step0: dict[str, dict[str, Any]] = {}
+        self._warned: set[str] = set()
 
     def _names(self, problem, state) -> list[str] | None:
         if self.params is None:
@@ -342,7 +386,9 @@ class RMedProbe(Probe):
         for n, p in state.params().items():
             h.update(n.encode())
             h.update(p.detach().cpu().contiguous().numpy().tobytes())
-        for t in problem.probe_batch:
+        from optiscope.lab.problem import tensor_leaves
+
+        for t in tensor_leaves(_probe_batches(problem)):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         h.update(repr((names, per_layer, state.seed)).encode())
         return h.hexdigest()
@@ -358,19 +404,32 @@ class RMedProbe(Probe):
             state.coordinates(self.per_layer, names)
         return dict(self._step0[key])
 
+    def _warn_zeros(self, layer: str, res, n: int) -> None:
+        """Warn once per layer when many sampled diagonal entries are exactly 0, or R_med is undefined."""
+        if layer in self._warned or not (res.n_zero >= ZERO_DIAGONAL_WARN_FRACTION * n or not res.defined):
+            return
+        self._warned.add(layer)
+        what = (f"R_med is undefined ({res.reason}) and recorded as NaN" if not res.defined else
+                f"R_med is taken over the {res.n} nonzero entries (r_med_zeros records the count)")
+        warnings.warn(f"r_med: layer {layer!r}: {res.n_zero} of {n} sampled Hessian diagonal entries are exactly 0 "
+                      f"(parameters the loss does not depend on here, e.g. embedding rows of tokens absent from the "
+                      f"probe data or weights into dead units); {what}", ProbeWarning, stacklevel=3)
+
     def _measure(self, problem, state, names):
         from optiscope.metrics import r_med
 
         t0 = time.perf_counter()
         per_param = state.hessian_diagonal(self.per_layer, names)
         diag = _concat_by_layer(problem, per_param)
-        vals, nonpos = {}, {}
+        vals, nonpos, zeros = {}, {}, {}
         for lname, h in diag.items():
             res = r_med(h, delta=self.delta)
             vals[lname] = float(res.value)
             nonpos[lname] = float(res.n_nonpositive)
+            zeros[lname] = float(res.n_zero)
+            self._warn_zeros(lname, res, int(h.numel()))
         tag = f"diag_{self.per_layer}" if names is None else f"diag_{self.per_layer}_{','.join(names)}"
-        out: dict[str, Any] = {"r_med": vals, "r_med_nonpositive": nonpos,
+        out: dict[str, Any] = {"r_med": vals, "r_med_nonpositive": nonpos, "r_med_zeros": zeros,
                                "r_med_n_hvp": float(state.scratch.get(tag + "_n_hvp", 0))}
         if self.record_seconds:
             out["r_med_seconds"] = time.perf_counter() - t0

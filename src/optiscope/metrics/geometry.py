@@ -42,23 +42,38 @@ def _check_finite(arr: np.ndarray, what: str) -> None:
 
 @dataclass(frozen=True)
 class RMedResult:
-    """``value = max / (median + delta)``; ``n_nonpositive`` = entries <= 0 among the ``n`` used."""
+    """``value = max / (median + delta)`` over the ``n`` entries used; ``n_nonpositive`` = entries <= 0 among them.
+
+    ``n_zero`` counts the exact zeros that were left out (``zeros="exclude"``); ``defined`` is False (and ``value``
+    NaN, ``reason`` saying why) when no ratio exists: every entry is zero, or the denominator is <= 0.
+    """
     value: float
     n_nonpositive: int
     max: float
     median: float
     delta: float
     n: int
+    n_zero: int = 0
+    defined: bool = True
+    reason: str = ""
 
 
-def r_med(diag: Any, delta: float = 0.0, absolute: bool = False) -> RMedResult:
-    """R_med of one layer's sampled Hessian diagonal (Jiang et al. 2023, §3, Eq. (1); spec "Paper 2" 2f).
+def r_med(diag: Any, delta: float = 0.0, absolute: bool = False, zeros: str = "exclude") -> RMedResult:
+    """R_med of one layer's sampled Hessian diagonal (Jiang et al. 2023, §3, Eq. (1)).
 
     ``R_med = max_{i in I} h_i / (median_{i in I} h_i + delta)`` with ``h_i = [nabla^2 L]_ii`` at the sampled
-    coordinates ``I`` (200 per layer in the seed). ``delta`` is the "additional term in the denominator" the seed adds
-    for random-label data (Jiang et al. 2023, §4.2; its value is not recoverable, default 0). Defaults: the signed ``h_i`` are
-    used and the number of entries ``<= 0`` is reported (``absolute=True`` uses ``|h_i|``). If the denominator is
-    ``<= 0`` the ratio is not a condition-number analogue and ``value`` is ``inf``.
+    coordinates ``I`` (200 per layer in the paper). ``delta`` is the "additional term in the denominator" the paper
+    adds for random-label data (Jiang et al. 2023, §4.2; its value is not given, default 0). Defaults: the signed
+    ``h_i`` are used and the number of entries ``<= 0`` is reported (``absolute=True`` uses ``|h_i|``).
+
+    Exact zeros. Coordinates that the loss does not depend on at all (embedding rows of tokens absent from the
+    data, weights into dead ReLU units) have ``h_i = 0`` exactly; they carry no curvature, and with many of them the
+    median is 0 and the ratio infinite. ``zeros="exclude"`` (default) takes max and median over the nonzero entries
+    and reports the number left out as ``n_zero``; ``zeros="keep"`` uses every entry.
+
+    Undefined. If no entry is left, or the denominator ``median + delta`` is ``<= 0`` (a median of negative
+    curvature is no condition-number analogue), the result is marked ``defined=False`` with ``value = NaN`` and a
+    ``reason``; it is never an infinite ratio, so medians over layers or runs (``nanmedian``) stay meaningful.
     """
     h = _as_array(diag, "diag").reshape(-1)
     if h.size == 0:
@@ -66,13 +81,25 @@ def r_med(diag: Any, delta: float = 0.0, absolute: bool = False) -> RMedResult:
     _check_finite(h, "diag")
     if not isinstance(delta, (int, float)) or not math.isfinite(delta) or delta < 0:
         raise ValueError(f"delta must be a finite number >= 0, got {delta!r}")
+    if zeros not in ("exclude", "keep"):
+        raise ValueError(f"zeros must be 'exclude' or 'keep', got {zeros!r}")
+    n_zero = 0
+    if zeros == "exclude":
+        nz = h != 0
+        n_zero = int((~nz).sum())
+        h = h[nz]
+        if h.size == 0:
+            return RMedResult(math.nan, 0, 0.0, 0.0, float(delta), 0, n_zero, False,
+                              f"all {n_zero} sampled diagonal entries are exactly 0")
     n_nonpos = int((h <= 0).sum())
     if absolute:
         h = np.abs(h)
     mx, med = float(h.max()), float(np.median(h))
     den = med + float(delta)
-    value = mx / den if den > 0 else math.inf
-    return RMedResult(float(value), n_nonpos, mx, med, float(delta), int(h.size))
+    if den > 0:
+        return RMedResult(float(mx / den), n_nonpos, mx, med, float(delta), int(h.size), n_zero)
+    return RMedResult(math.nan, n_nonpos, mx, med, float(delta), int(h.size), n_zero, False,
+                      f"median + delta = {den:.3g} <= 0 ({n_nonpos} of {h.size} entries <= 0)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,457 @@
+"""``Tracker``: the lab's probes inside a training loop you wrote (or a Hugging Face ``Trainer``, a Lightning module).
+
+::
+
+    from optiscope import Tracker
+
+    with Tracker(model, loss_fn, probe_data, probes=["loss", "sharpness", "r_med"], every=50,
+                 store="runs/mine") as tracker:
+        for step, (x, y) in enumerate(loader):
+            ...                                   # your forward, backward, optimizer.step()
+            tracker.step(step, optimizer=opt)     # measures at steps 0, every, 2 every, ... and at ``at``
+
+``tracker.step(t)`` means "after t updates" (call it with t = 1, 2, ... after each ``optimizer.step()``, or start at
+t = 0 before the first update to measure the initialization). The tracker measures only on its schedule; between
+checkpoints a call costs a comparison (and one parameter copy on the step before a checkpoint, for the
+``update_norm``/``adam_alignment`` probes that need the last update).
+
+* **Probe data** (``data``): one ``(inputs, targets)`` batch, a list of batches or a ``DataLoader``; inputs may be
+  tensors, tuples or dicts of tensors. A loader is read once, at construction, under a forked RNG: every checkpoint
+  measures the same samples, and training's random stream is untouched. Several batches give the exact
+  sample-weighted mean (as :class:`optiscope.Hessian` does). ``loss_fn(outputs, targets)`` may read output objects
+  (``out.logits``, ``out.loss``); it must return a scalar tensor.
+* **Probes** are the lab's (:mod:`optiscope.lab.probes`; ``"loss"`` and ``"accuracy"`` are taken on the probe
+  data) or any callable ``probe(problem, state) -> dict``. Optimizer-state probes (``precond_sharpness``,
+  ``adam_correction``) read the optimizer passed to :meth:`Tracker.step`: optiscope's optimizers and
+  ``torch.optim``'s Adam/AdamW/RMSprop/Adagrad (:mod:`optiscope.lab.conventions`).
+* **Purity**: probes run under :func:`optiscope.lab.probes.probe_guard` (plus the CUDA RNG of the model's device):
+  parameters, ``.grad``, buffers (BatchNorm running statistics), module modes and the RNG streams are bit-identical
+  before and after a measurement; probes only read the optimizer's state.
+* **Store** (``store="runs/x"``): the lab's run directory (:class:`optiscope.lab.RunStore`): tidy
+  ``metrics.parquet`` (``run, optimizer, step, metric, layer, value``), ``manifest.json`` (status, timings, notes),
+  ``config.yaml``, arrays; ``optiscope show DIR`` and ``optiscope plot DIR`` work on it. Each checkpoint's rows are
+  written (atomically) as soon as they are measured, so a killed process keeps everything measured before the
+  kill; the manifest then still says ``running``.
+* **Loggers**: ``loggers=[...]`` receive every checkpoint's flat metrics (``"sharpness"``, ``"r_med/<layer>"``): any
+  object with ``log_metrics(step, metrics)`` (and optionally ``close()``), or a plain callable
+  ``fn(step, metrics)``; see :class:`MetricsLogger` and :mod:`optiscope.integrations` (TensorBoard, Weights &
+  Biases and MLflow adapters, a Hugging Face ``TrainerCallback``, a Lightning ``Callback``).
+* **Traps stated once** (as warnings and in the manifest's ``notes``): train-mode randomness (dropout) in the
+  probed model (the Hessian is then one random sub-network's; ``mode="eval"`` measures the deterministic model),
+  and an optimizer whose rule differs from ``torch.optim``'s namesake (optiscope's ``adam``: eps inside the square
+  root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+from optiscope.lab.conventions import state_convention
+from optiscope.lab.probes import (
+    ProbeState,
+    make_probe,
+    make_probes,
+    probe_guard,
+    probe_name,
+    pure_forward,
+    split_probe_specs,
+)
+from optiscope.lab.problem import Problem, as_batches, check_same_device, model_device
+from optiscope.lab.store import METRIC_COLUMNS, RunStore
+
+__all__ = ["MetricsLogger", "Tracker", "flat_metrics"]
+
+MODES = ("as_is", "eval", "train")
+
+
+@runtime_checkable
+class MetricsLogger(Protocol):
+    """What a Tracker logger implements: ``log_metrics(step, metrics)`` with ``metrics`` a flat
+    ``{name: float}`` dict (per-layer values as ``"metric/layer"``), called once per checkpoint; ``close()`` is
+    optional and called by :meth:`Tracker.close`.
+
+    Example (Weights & Biases; MLflow is the same with ``mlflow.log_metrics(metrics, step=step)``)::
+
+        class WandbLogger:
+            def __init__(self, run):
+                self.run = run
+            def log_metrics(self, step, metrics):
+                self.run.log(metrics, step=step)
+            def close(self):
+                self.run.finish()
+    """
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Receive one checkpoint's metrics."""
+
+
+class _CallableLogger:
+    def __init__(self, fn: Callable[[int, Mapping[str, float]], Any]):
+        self.fn = fn
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.fn(step, metrics)
+
+
+def flat_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Tidy rows -> ``{metric: value}`` with per-layer rows as ``"metric/layer"``."""
+    out = {}
+    for r in rows:
+        key = r["metric"] if not r["layer"] else f"{r['metric']}/{r['layer']}"
+        out[key] = float(r["value"])
+    return out
+
+
+def _rows(result: Mapping[str, Any], run: str, optimizer: str, step: int, arrays: dict) -> list[dict]:
+    """A probe's dict -> tidy rows; array values go to ``arrays[metric][step]`` (the lab's convention)."""
+    from optiscope.lab.run import _rows_from
+
+    return _rows_from(result, run, optimizer, step, arrays)
+
+
+def _loss_problem(value: Any) -> str | None:
+    if not isinstance(value, torch.Tensor):
+        hint = ""
+        if hasattr(value, "loss") or hasattr(value, "logits"):
+            hint = " (a model output object: return e.g. out.loss, or a loss of out.logits)"
+        return f"loss_fn returned {type(value).__name__}, not a scalar tensor{hint}"
+    if value.numel() != 1:
+        return (f"loss_fn returned a tensor of shape {tuple(value.shape)}, not a scalar; reduce it (e.g. "
+                "reduction='mean')")
+    if not value.is_floating_point():
+        return f"loss_fn returned a {value.dtype} tensor, not a floating-point scalar"
+    return None
+
+
+class Tracker:
+    """Probes on a schedule inside any training loop (module docstring).
+
+    Parameters
+    ----------
+    model, loss_fn, data
+        The model being trained, ``loss_fn(outputs, targets) -> scalar`` and the probe data.
+    probes
+        Probe names, ``"name:key=value"`` specs or callables (default ``["loss", "sharpness"]``).
+    every
+        Measure at steps ``0, every, 2 every, ...`` (an int >= 1).
+    store
+        A run directory (path or :class:`RunStore`), or None to keep the rows in memory only (:attr:`metrics`).
+    name, optimizer_name
+        The ``run`` and ``optimizer`` columns of the rows (default ``"run"`` and the optimizer's class name).
+    at
+        Extra steps to measure.
+    seed
+        Seeds the probes' own randomness (sampled coordinates, trace probes); training's RNG is never used.
+    mode
+        ``"as_is"`` (default: the model's current mode), ``"eval"`` or ``"train"`` during measurements only.
+    layers, task, eval_data
+        As for :class:`optiscope.lab.Problem`.
+    loggers
+        Objects with ``log_metrics(step, metrics)`` or callables ``fn(step, metrics)``.
+    resume
+        Continue a run of the same ``name`` already in ``store``: the first :meth:`step` drops its rows at and after
+        that step (a training loop restarted from its own checkpoint). Without it such a store is refused.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor], data: Any,
+                 probes: Any = ("loss", "sharpness"), every: int = 50, store: Any = None, *, name: str = "run",
+                 optimizer_name: str | None = None, at: Iterable[int] = (), seed: int = 0, mode: str = "as_is",
+                 layers: Mapping[str, Sequence[str]] | None = None, task: str = "classification",
+                 eval_data: Any = None, loggers: Iterable[Any] = (), resume: bool = False):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(outputs, targets) -> scalar, got "
+                             f"{type(loss_fn).__name__}")
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or int(every) < 1:
+            raise ValueError(f"every = {every!r} must be an integer >= 1 (measure at steps 0, every, 2*every, ...)")
+        if mode not in MODES:
+            raise ValueError(f"mode = {mode!r} is invalid; valid: {', '.join(MODES)}")
+        self.at = sorted({self._check_step(s, "at") for s in at})
+        self.every = int(every)
+        self.mode = mode
+        self.name = str(name)
+        self.optimizer_name = optimizer_name
+        self.seed = int(seed)
+        self.model = model
+        batches = as_batches(data, "data")
+        for i, b in enumerate(batches):
+            check_same_device(model, b, f"data batch {i}")
+        if eval_data is not None:
+            eval_batches = as_batches(eval_data, "eval_data")
+            for i, b in enumerate(eval_batches):
+                check_same_device(model, b, f"eval_data batch {i}")
+            eval_data = eval_batches
+        self.problem = Problem(model, loss_fn, train=batches, probe_batch=batches if len(batches) > 1 else batches[0],
+                               eval=eval_data, task=task, layers=layers, name=self.name)
+        self._check_loss(batches[0])
+        items = split_probe_specs(probes) if isinstance(probes, str) else list(probes)
+        self.probes = make_probes([self._on_probe_data(p) for p in items])
+        self.loggers = [lg if hasattr(lg, "log_metrics") else _CallableLogger(lg) if callable(lg) else
+                        self._bad_logger(lg) for lg in loggers]
+        self.notes: list[str] = []
+        self._notes_written: set[str] = set()
+        self._cache: dict = {}
+        self._arrays: dict[str, dict[int, np.ndarray]] = {}
+        self._memory: list[dict] = []
+        self._last_step: int | None = None
+        self._prev: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._closed = False
+        self._resume_pending = bool(resume)
+        self.probe_seconds = 0.0
+        self.n_measurements = 0
+        self._t0 = time.perf_counter()
+        from optiscope.curvature._problem import random_train_mode_modules
+
+        randomness = random_train_mode_modules(model) if mode != "eval" else []
+        if mode == "train":
+            with self._measuring_mode():
+                randomness = random_train_mode_modules(model)
+        if randomness:
+            self._note(f"train-mode randomness is active in the probed model ({', '.join(randomness[:4])}"
+                       f"{' ...' if len(randomness) > 4 else ''}): each checkpoint's loss and Hessian use one frozen "
+                       "dropout mask (one random sub-network); pass mode='eval' to measure the deterministic model")
+        self.store = self._open_store(store, resume)
+
+    # -- construction helpers -------------------------------------------------------------------------
+    @staticmethod
+    def _bad_logger(lg: Any):
+        raise ValueError(f"logger {lg!r} has no log_metrics(step, metrics) method and is not callable")
+
+    @staticmethod
+    def _check_step(step: Any, what: str = "step") -> int:
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise ValueError(f"{what} = {step!r} must be an integer (the number of updates taken)")
+        if int(step) < 0:
+            raise ValueError(f"{what} = {step!r} must be >= 0")
+        return int(step)
+
+    @staticmethod
+    def _on_probe_data(spec: Any) -> Any:
+        """``"loss"``/``"accuracy"`` without options are measured on the probe data (the tracker has no other)."""
+        if isinstance(spec, str) and spec.strip() in ("loss", "accuracy"):
+            return make_probe(spec.strip(), on="probe")
+        return spec
+
+    def _check_loss(self, batch) -> None:
+        X, y = batch
+        with probe_guard(self.model), self._rng_guard(), torch.no_grad():
+            value = self.problem.loss_fn(pure_forward(self.model, X), y)
+        msg = _loss_problem(value)
+        if msg:
+            raise ValueError(msg)
+
+    def _open_store(self, store: Any, resume: bool) -> RunStore | None:
+        if store is None:
+            return None
+        st = store if isinstance(store, RunStore) else RunStore(store)
+        st.acquire_lock()  # held while the tracker is open: a second writer gets RunLockedError naming us
+        try:
+            self._init_store(st, resume)
+        except BaseException:
+            st.release_lock()
+            raise
+        return st
+
+    def _init_store(self, st: RunStore, resume: bool) -> None:
+        df = st.read_metrics()
+        mine = df[df["run"] == self.name] if not df.empty else df
+        if not mine.empty and not resume:
+            raise ValueError(f"{st.root} already holds run {self.name!r} ({len(mine)} rows, last step "
+                             f"{int(mine['step'].max())}); pass resume=True to continue it or choose another name")
+        manifest = st.read_manifest()
+        if not manifest.get("kind"):
+            st.update_manifest(kind="tracker")
+        if not st.path("config.yaml").exists():
+            st.write_config({"kind": "tracker", "run": self.name, "every": self.every, "at": self.at,
+                             "probes": [repr(p) if not callable(p) or hasattr(p, "name") else probe_name(p)
+                                        for p in self.probes], "seed": self.seed, "mode": self.mode,
+                             "n_probe_samples": int(sum(len(y) for _, y in self.problem.probe_batches))})
+        st.set_status("running")
+        st.update_run(self.name, status="running", every=self.every,
+                      probes=[probe_name(p) for p in self.probes], device=str(model_device(self.model)))
+        for n in self.notes:
+            self._write_note(st, n)
+
+    def _note(self, text: str, warn: bool = True) -> None:
+        if text in self.notes:
+            return
+        self.notes.append(text)
+        if warn:
+            warnings.warn(text, UserWarning, stacklevel=3)
+        st = getattr(self, "store", None)
+        if st is not None:
+            self._write_note(st, text)
+
+    def _write_note(self, st: RunStore, text: str) -> None:
+        if text in self._notes_written:
+            return
+        self._notes_written.add(text)
+        entry = (st.read_manifest().get("runs") or {}).get(self.name) or {}
+        st.update_run(self.name, notes=list(dict.fromkeys(list(entry.get("notes") or []) + [text])))
+
+    # -- schedule ------------------------------------------------------------------------------------
+    def is_due(self, step: int) -> bool:
+        """Whether ``step`` is a checkpoint: ``step % every == 0`` or ``step in at``."""
+        return step % self.every == 0 or step in self.at
+
+    @property
+    def metrics(self):
+        """All rows measured by this tracker (a tidy ``pandas.DataFrame``)."""
+        import pandas as pd
+
+        from optiscope.lab.store import empty_metrics
+
+        return pd.DataFrame(self._memory, columns=METRIC_COLUMNS) if self._memory else empty_metrics()
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float] | None:
+        """Call after each optimizer step with ``step`` = updates taken so far; measures when :meth:`is_due`.
+
+        Returns the checkpoint's flat metrics, or None between checkpoints. ``step`` must increase from call to
+        call (ValueError otherwise)."""
+        if self._closed:
+            raise ValueError("the tracker is closed; create a new Tracker (resume=True to continue its store)")
+        step = self._check_step(step)
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(f"step {step} after step {self._last_step}: steps must increase (step t means 'after t "
+                             "updates'; a loop restarted from a checkpoint needs a new Tracker with resume=True)")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._last_step = step
+        result = self.measure(step, optimizer) if self.is_due(step) else None
+        if self._needs_last_update() and self.is_due(step + 1):
+            self._prev = (step, {n: p.detach().clone() for n, p in self.model.named_parameters()})
+        return result
+
+    def _needs_last_update(self) -> bool:
+        return any(probe_name(p) in ("update_norm", "adam_alignment") for p in self.probes)
+
+    @contextlib.contextmanager
+    def _rng_guard(self):
+        dev = model_device(self.model)
+        devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            yield
+
+    @contextlib.contextmanager
+    def _measuring_mode(self):
+        modes = {n: m.training for n, m in self.model.named_modules()}
+        try:
+            if self.mode == "eval":
+                self.model.eval()
+            elif self.mode == "train":
+                self.model.train()
+            yield
+        finally:
+            for n, m in self.model.named_modules():
+                m.training = modes.get(n, m.training)
+
+    def measure(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+        """Run every probe now (whatever the schedule), store and log the rows; return the flat metrics."""
+        if self._closed:
+            raise ValueError("the tracker is closed")
+        step = self._check_step(step)
+        if self._resume_pending:
+            self._drop_from(step)
+        label = self.optimizer_name or (type(optimizer).__name__ if optimizer is not None else "")
+        note = state_convention(optimizer)  # warns once per process
+        if note:
+            self._note(note, warn=False)
+        last_update = None
+        if self._prev is not None and self._prev[0] == step - 1:
+            named = dict(self.model.named_parameters())
+            last_update = {n: named[n].detach() - old for n, old in self._prev[1].items()
+                           if n in self.problem.param_names}
+        self._prev = None
+        state = ProbeState(step=step, model=self.model, optimizer=optimizer, problem=self.problem,
+                           run_name=self.name, seed=self.seed, cache=self._cache, last_update=last_update)
+        t0 = time.perf_counter()
+        rows: list[dict] = []
+        arrays_before = {m: len(v) for m, v in self._arrays.items()}
+        with probe_guard(self.model), self._rng_guard(), self._measuring_mode(), warnings.catch_warnings():
+            # stated once at construction (see notes); the Hessian would repeat it at every checkpoint
+            warnings.filterwarnings("ignore", message="train-mode randomness is active")
+            from optiscope.curvature._problem import NonFiniteLossError
+
+            for pr in self.probes:
+                try:
+                    result = pr(self.problem, state)
+                except NonFiniteLossError:
+                    rows.append({"run": self.name, "optimizer": label, "step": step, "metric": "diverged",
+                                 "layer": "", "value": float(step)})
+                    break
+                if not isinstance(result, Mapping):
+                    raise ValueError(f"probe {probe_name(pr)!r} returned {type(result).__name__}; a probe must "
+                                     "return a dict")
+                rows.extend(_rows(result, self.name, label, step, self._arrays))
+        seconds = time.perf_counter() - t0
+        self.probe_seconds += seconds
+        self.n_measurements += 1
+        self._memory.extend(rows)
+        if self.store is not None:
+            new_arrays = {m for m, v in self._arrays.items() if len(v) != arrays_before.get(m, 0)}
+            self._flush(rows, new_arrays, step)
+        flat = flat_metrics(rows)
+        for lg in self.loggers:
+            lg.log_metrics(step, flat)
+        return flat
+
+    def _flush(self, rows: list[dict], new_arrays: set[str], step: int) -> None:
+        from optiscope.lab.run import _safe_name
+
+        st = self.store
+        if rows:
+            st.append_metrics(rows, part=f"{self.name}@{step}")  # one Parquet part per checkpoint
+        for metric in new_arrays:
+            st.write_arrays(_safe_name(f"{self.name}_{metric}"),
+                            **{f"step_{s:08d}": a for s, a in sorted(self._arrays[metric].items())})
+        st.update_run(self.name, status="running", last_step=step, probe_seconds=self.probe_seconds,
+                      n_measurements=self.n_measurements, arrays=sorted(self._arrays))
+
+    def _drop_from(self, step: int) -> None:
+        self._resume_pending = False
+        if self.store is None:
+            return
+        self.store.drop_metrics(self.name, after_step=step - 1)
+
+    # -- end ---------------------------------------------------------------------------------------------
+    def close(self, status: str = "finished") -> None:
+        """Mark the run ``status`` in the manifest (with timings) and close the loggers; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.store is not None:
+            self.store.update_run(self.name, status=status, seconds=time.perf_counter() - self._t0,
+                                  probe_seconds=self.probe_seconds, n_measurements=self.n_measurements,
+                                  last_step=self._last_step)
+            self.store.set_status(status)
+            try:
+                self.store.compact_metrics()
+            finally:
+                self.store.release_lock()
+        for lg in self.loggers:
+            close = getattr(lg, "close", None)
+            if callable(close):
+                close()
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("finished" if exc_type is None else f"failed: {exc_type.__name__}: {exc}")
+
+    def __repr__(self) -> str:
+        where = f", store={str(self.store.root)!r}" if self.store is not None else ""
+        return (f"Tracker({self.name!r}, probes={[probe_name(p) for p in self.probes]}, every={self.every}"
+                f"{where}, measurements={self.n_measurements})")
+
+
