@@ -206,9 +206,12 @@ def test_exact_diagonal_and_block(kind):
     _, _, _, _, H, ref = setup(kind)
     coords = H.sample_coordinates(per_layer=5, seed=3)
     before = H.n_hvp
-    d = H.diagonal(coords)
+    d = H.diagonal(coords, method="hvp")  # one full HVP column per coordinate
     n_coords = sum(c.numel() for c in coords.values())
     assert d.n_hvp == n_coords == H.n_hvp - before
+    auto = H.diagonal(coords)  # structured / restricted columns (tests/test_structured_diagonal.py)
+    for n in coords:
+        torch.testing.assert_close(auto.values[n], d.values[n], atol=1e-10, rtol=0)
     full_diag = torch.diagonal(ref)
     for n, idx in coords.items():
         torch.testing.assert_close(d.values[n], full_diag[H.offsets[n] + idx], atol=1e-10, rtol=0)

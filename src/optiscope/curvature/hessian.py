@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from optiscope.curvature._problem import LossFunction
+from optiscope.curvature.diagonal import (DiagonalBlockResult, DiagonalResult, exact_diagonal,
+                                          exact_diagonal_block, unit_columns)
 
 __all__ = [
     "Hessian", "DiagonalResult", "DiagonalBlockResult", "DiagonalEstimate", "EigenResult", "TraceResult",
@@ -41,23 +43,7 @@ DEFAULT_DENSE_MAX_DIM = 6000
 
 # ------------------------------------------------------------------------------------------------------------------
 # results
-@dataclass
-class DiagonalResult:
-    """Exact diagonal entries ``H_ii = e_i^T H e_i`` at sampled flat indices, per parameter."""
-    values: dict[str, Tensor]
-    coords: dict[str, Tensor]
-    n_hvp: int
-
-
-@dataclass
-class DiagonalBlockResult:
-    """The sampled principal sub-block ``H[I, I]``; ``index[name]`` is the slice of ``I`` belonging to ``name``."""
-    matrix: Tensor
-    index: dict[str, slice]
-    coords: dict[str, Tensor]
-    n_hvp: int
-
-
+# DiagonalResult and DiagonalBlockResult live in curvature.diagonal (imported above).
 @dataclass
 class DiagonalEstimate:
     """Hutchinson estimate of the full diagonal with per-entry standard errors."""
@@ -662,44 +648,26 @@ class Hessian:
         return out
 
     def _unit_columns(self, flat_idx: Tensor, reduce: Callable[[Tensor, Tensor], Tensor]) -> list[Tensor]:
-        """Apply ``reduce(H[:, chunk]^T as [c, n], chunk)`` over memory-bounded chunks of columns ``flat_idx``."""
-        out = []
-        c = self.max_chunk_size
-        for s in range(0, flat_idx.numel(), c):
-            chunk = flat_idx[s:s + c]
-            E = torch.zeros(chunk.numel(), self.numel, dtype=self.dtype, device=self.device)
-            E[torch.arange(chunk.numel()), chunk.to(self.device)] = 1
-            out.append(reduce(self._matmat(E), chunk))
-        return out
+        """Apply ``reduce(H[:, chunk]^T as [c, n], chunk)`` over memory-bounded chunks of columns ``flat_idx``
+        (:func:`optiscope.curvature.diagonal.unit_columns`)."""
+        return unit_columns(self, flat_idx, reduce)
 
-    def _global(self, coords: dict[str, Tensor]) -> tuple[Tensor, dict[str, slice]]:
-        parts, index, pos = [], {}, 0
-        for n, idx in coords.items():
-            parts.append(idx + self.offsets[n])
-            index[n] = slice(pos, pos + idx.numel())
-            pos += idx.numel()
-        return torch.cat(parts), index
+    def diagonal(self, coords: Mapping[str, Any], method: str = "auto") -> DiagonalResult:
+        """Exact ``H_ii = e_i^T H e_i`` at the given flat indices per parameter.
 
-    def diagonal(self, coords: Mapping[str, Any]) -> DiagonalResult:
-        """Exact ``H_ii = e_i^T H e_i`` at the given flat indices per parameter (one HVP column per index)."""
-        coords = self._check_coords(coords)
-        flat, index = self._global(coords)
-        before = self.n_hvp
-        vals = torch.cat(self._unit_columns(
-            flat, lambda cols, chunk: cols[torch.arange(chunk.numel()), chunk.to(self.device)]))
-        return DiagonalResult({n: vals[sl] for n, sl in index.items()}, coords, self.n_hvp - before)
+        ``method``: ``"auto"`` (second-order backpropagation for the layers it covers when cheaper, restricted HVP
+        columns for the rest), ``"structured"`` (ValueError naming a parameter it cannot handle), ``"layer-hvp"``
+        or ``"hvp"`` (one full HVP column per index). ``result.method[name]`` says which produced each parameter;
+        see :mod:`optiscope.curvature.diagonal`."""
+        return exact_diagonal(self, self._check_coords(coords), method=method)
 
     def diagonal_block(self, coords: Mapping[str, Any]) -> DiagonalBlockResult:
-        """The sampled principal sub-block ``H[I, I]`` (``I`` = all given coordinates, parameter order), exact.
+        """The sampled principal sub-block ``H[I, I]`` (``I`` = all given coordinates, parameter order), exact,
+        from HVP columns (:func:`optiscope.curvature.diagonal.exact_diagonal_block`).
 
-        Needed for the diagonal-domination ratio of seed 000 App. E (see ``metrics.diagonal_dominance``).
+        Needed for the diagonal-domination ratio of Jiang et al. 2023, App. E (see ``metrics.diagonal_dominance``).
         """
-        coords = self._check_coords(coords)
-        flat, index = self._global(coords)
-        before = self.n_hvp
-        rows = flat.to(self.device)
-        cols = torch.cat(self._unit_columns(flat, lambda c, chunk: c[:, rows]))  # [|I|, |I|]: row j = (H e_{I_j})[I]
-        return DiagonalBlockResult(cols.T.contiguous(), index, coords, self.n_hvp - before)
+        return exact_diagonal_block(self, self._check_coords(coords))
 
     def diagonal_estimate(self, n_probes: int = 100, seed: int = 0) -> DiagonalEstimate:
         """Hutchinson diagonal: ``diag(H) ~ mean_k z_k * (H z_k)`` with Rademacher ``z_k``, per-entry stderr.
