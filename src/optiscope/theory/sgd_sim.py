@@ -25,7 +25,8 @@ import torch
 
 from optiscope.theory.sgd import SpectrumError, noise_amplitude, torch_threads
 
-__all__ = ["SampledRuns", "exact_second_moments", "simulate_sampled_sgd"]
+__all__ = ["SampledRuns", "exact_critical_learning_rate", "exact_growth_rate", "exact_second_moments",
+           "simulate_sampled_sgd"]
 
 
 def _as_kernel_and_error(kernel: Any, initial_error: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,13 +167,29 @@ def exact_second_moments(kernel: Any, initial_error: Any, lr: float, momentum: f
                       divergence_threshold)
 
 
+def _moment_step(C, J, P, U, Lc, Lr, a, bta, gamma, n):
+    """One step of the exact second-moment recursion of :func:`exact_second_moments` (eigenbasis of H)."""
+    d = ((U @ C) * U).sum(dim=1)                        # diag of C in the sample basis
+    HdH = Lc * ((U.T * d) @ U) * Lr                      # H diag(d) H in the eigenbasis
+    HCH = Lc * C * Lr
+    HJ = Lc * J
+    Pn = a * a * HCH - a * bta * (HJ + HJ.T) + bta * bta * P + a * a * gamma * (n * HdH - HCH)
+    Jn = bta * J - a * C * Lr + Pn
+    Cn = C - a * (Lc * C + C * Lr) + bta * (J + J.T) + Pn
+    return Cn, Jn, Pn
+
+
+def _eigen(Kt: torch.Tensor, dtype: torch.dtype):
+    n = Kt.shape[0]
+    lam, U = torch.linalg.eigh(0.5 * (Kt + Kt.T) / n)
+    return lam.to(dtype), U.to(dtype)
+
+
 def _exact(kernel, initial_error, lr, momentum, batch_size, steps, dataset_size, dtype, divergence_threshold):
     Kt, e0 = _as_kernel_and_error(kernel, initial_error, torch.float64)
     n = Kt.shape[0]
     gamma = noise_amplitude(batch_size, dataset_size if dataset_size is not None else n)
-    lam, U = torch.linalg.eigh(0.5 * (Kt + Kt.T) / n)
-    lam = lam.to(dtype)
-    U = U.to(dtype)
+    lam, U = _eigen(Kt, dtype)
     a = float(lr)
     bta = float(momentum)
     z = U.T @ e0.to(dtype)
@@ -184,17 +201,62 @@ def _exact(kernel, initial_error, lr, momentum, batch_size, steps, dataset_size,
     out[0] = float(torch.trace(C)) / (2 * n)
     limit = divergence_threshold * max(out[0], 1e-300)
     for t in range(1, steps + 1):
-        d = ((U @ C) * U).sum(dim=1)                        # diag of C in the sample basis
-        HdH = Lc * ((U.T * d) @ U) * Lr                      # H diag(d) H in the eigenbasis
-        HCH = Lc * C * Lr
-        HJ = Lc * J
-        Pn = a * a * HCH - a * bta * (HJ + HJ.T) + bta * bta * P + a * a * gamma * (n * HdH - HCH)
-        Jn = bta * J - a * C * Lr + Pn
-        Cn = C - a * (Lc * C + C * Lr) + bta * (J + J.T) + Pn
-        C, J, P = Cn, Jn, Pn
+        C, J, P = _moment_step(C, J, P, U, Lc, Lr, a, bta, gamma, n)
         val = float(torch.trace(C)) / (2 * n)
         if not np.isfinite(val) or val > limit:
             out[t:] = np.inf
             return out, t
         out[t] = val
     return out, None
+
+
+def exact_growth_rate(kernel: Any, lr: float, momentum: float, batch_size: int, steps: int = 2000,
+                      dataset_size: int | None = None) -> float:
+    """Asymptotic log growth rate per step of the exact second moments (seed 004 Prop. 1): ``log rho`` of the linear
+    map ``(C, J, P) -> (C', J', P')`` of :func:`exact_second_moments`, by power iteration from ``C = I``,
+    ``J = P = 0`` (every mode excited), renormalised each step; the mean log norm ratio over the last half of
+    ``steps`` steps. Sampled SGD diverges in mean square iff the rate is > 0 (up to the power iteration's
+    resolution, about ``1/steps``)."""
+    with torch_threads():
+        Kt = torch.as_tensor(np.asarray(kernel, dtype=np.float64))
+        if Kt.ndim != 2 or Kt.shape[0] != Kt.shape[1] or not torch.isfinite(Kt).all():
+            raise SpectrumError(f"kernel must be a finite square matrix, got shape {tuple(Kt.shape)}")
+        if int(steps) != steps or steps < 2:
+            raise SpectrumError(f"steps must be an integer >= 2, got {steps}")
+        n = Kt.shape[0]
+        gamma = noise_amplitude(batch_size, dataset_size if dataset_size is not None else n)
+        lam, U = _eigen(Kt, torch.float64)
+        Lc, Lr = lam[:, None], lam[None, :]
+        C = torch.eye(n, dtype=torch.float64)
+        J = torch.zeros_like(C)
+        P = torch.zeros_like(C)
+        logs = []
+        for t in range(int(steps)):
+            C, J, P = _moment_step(C, J, P, U, Lc, Lr, float(lr), float(momentum), gamma, n)
+            norm = float(torch.sqrt((C ** 2).sum() + (J ** 2).sum() + (P ** 2).sum()))
+            if not np.isfinite(norm) or norm == 0:
+                return float("inf") if not np.isfinite(norm) else float("-inf")
+            C, J, P = C / norm, J / norm, P / norm
+            if t >= steps // 2:
+                logs.append(np.log(norm))
+        return float(np.mean(logs))
+
+
+def exact_critical_learning_rate(kernel: Any, momentum: float, batch_size: int, lr_hi: float,
+                                 dataset_size: int | None = None, steps: int = 2000, rtol: float = 1e-3) -> float:
+    """The largest lr at which the exact second moments of sampled SGD do not grow (:func:`exact_growth_rate`
+    <= 0), by bisection on ``(0, lr_hi]``; ``lr_hi`` must be divergent (else ``lr_hi`` is returned). The exact
+    counterpart of :func:`optiscope.theory.sgd.critical_learning_rate` (which uses the SE approximation of the
+    noise term), for small N (O(N^3) per step)."""
+    if not lr_hi > 0:
+        raise SpectrumError(f"lr_hi must be > 0, got {lr_hi}")
+    if exact_growth_rate(kernel, lr_hi, momentum, batch_size, steps, dataset_size) <= 0:
+        return float(lr_hi)
+    lo, hi = 0.0, float(lr_hi)
+    while hi - lo > rtol * hi:
+        mid = 0.5 * (lo + hi)
+        if exact_growth_rate(kernel, mid, momentum, batch_size, steps, dataset_size) > 0:
+            hi = mid
+        else:
+            lo = mid
+    return 0.5 * (lo + hi)
