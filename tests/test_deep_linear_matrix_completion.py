@@ -134,6 +134,10 @@ def test_end_to_end_tiny_run(tmp_path):
     ids = {c["id"] for c in res["claims"]}
     assert {"depth1_gd_80", "deep_beats_nuclear_80", "smaller_init_better_80", "low_effective_rank_80",
             "adam_recovers_80"} <= ids
+    assert all(c["reason"] for c in res["claims"])
+    # the no-penalty Adam question is labelled as this project's, not the notes' claim
+    adam = next(c for c in res["claims"] if c["id"] == "adam_recovers_80")
+    assert "not the notes' claim" in adam["claim"] and "not claimed" in adam["paper"]
     depth1 = next(c for c in res["claims"] if c["id"] == "depth1_gd_80")
     # depth-1 GD leaves the unobserved entries at ~0: error ~ (1 - 80/144) mean(W*^2)
     assert depth1["measured"] == pytest.approx(1 - 80 / 144, abs=0.15)
@@ -142,3 +146,42 @@ def test_end_to_end_tiny_run(tmp_path):
     df = store.read_metrics()
     assert set(df["metric"]) == {"train_loss", "reconstruction_error"}
     assert np.isfinite(res["metrics"]["nuclear_norm_min"]["80"]["reconstruction_error"])
+
+
+def test_ratio_penalty_value_gradient_and_scale_invariance():
+    g = _gen(7)
+    W = torch.randn(2, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    R = mc.ratio_penalty(W)
+    s = torch.linalg.svdvals(W.detach())
+    torch.testing.assert_close(R.detach(), s.sum(-1) / (s ** 2).sum(-1).sqrt())
+    assert torch.all(R >= 1) and torch.all(R <= math.sqrt(5))
+    torch.testing.assert_close(mc.ratio_penalty(3.7 * W.detach()), R.detach())
+    (grad,) = torch.autograd.grad(R.sum(), W)
+    for b in range(2):   # closed form U V^T / ||W||_F - ||W||_* W / ||W||_F^3
+        U, S, Vh = torch.linalg.svd(W[b].detach(), full_matrices=False)
+        F = torch.linalg.matrix_norm(W[b].detach())
+        torch.testing.assert_close(grad[b], U @ Vh / F - S.sum() * W[b].detach() / F ** 3)
+    # scale invariance: the gradient is orthogonal to W
+    assert float((grad * W.detach()).sum(dim=(1, 2)).abs().max()) < 1e-10
+
+
+def test_penalty_changes_training_and_claims_exist(tmp_path):
+    cfg = _tiny_config(depths=(2,), init_scales=(1e-3,), optimizers=("gd", "adam"), max_steps=200, adam_lr=1e-2,
+                       penalty_steps=150, penalty_depths=(1, 2), penalty_weights=(1e-2, 1e-1),
+                       penalty_gd_lr_factors=(1.0, 0.1))
+    W_star = mc.ground_truth(12, 2, _gen())
+    mask = mc.observation_mask(12, 80, _gen(1))
+    fs = mc.init_factors(2, 12, 1e-3, 2, _gen(2), torch.float64)
+    lam = torch.tensor([0.0, 0.1], dtype=torch.float64)
+    out = mc.train_batch(fs, W_star, mask[None].expand(2, -1, -1).clone(), "adam", cfg, penalty_weights=lam,
+                         max_steps=150)
+    # the unpenalised copy stops at the target or runs out; the penalised one runs all 150 steps
+    assert out.steps[1] == 150
+    assert float(mc.ratio_penalty(out.W[1])) < float(mc.ratio_penalty(out.W[0]))
+    store = run_experiment("matrix_completion", config=cfg, out=tmp_path / "mcp")
+    res = store.read_results()
+    ids = {c["id"] for c in res["claims"]}
+    assert {"adam_penalty_recovers_80", "gd_penalty_worse_80", "penalty_helps_adam_80"} <= ids
+    study = res["metrics"]["penalty_study"]
+    assert study["form"] == "nuclear_over_frobenius" and set(study["depths"]) == {"1", "2"}
+    assert len(study["depths"]["2"]["gd"]["entries"]) == 2 * 3   # 2 lr factors x (0 + 2 weights)
