@@ -33,6 +33,10 @@ def test_equivalence_holds_to_rounding_in_float64(tmp_path):
         m = claims[f"function_equivalence_{s}"]["measured"]
         assert m["max_loss_rel_diff"] < 1e-10 and m["max_output_rel_diff"] < 1e-10
         assert claims[f"norm_growth_{s}"]["holds"] is True
+        # the run without the schedule is far from the WD run: the equivalence test could have failed
+        assert claims[f"control_no_schedule_{s}"]["holds"] is True
+        assert claims[f"control_no_schedule_{s}"]["measured"]["control_max_loss_rel_diff"] > 1e-4
+    assert all(c["reason"] for c in res["claims"])
     # norms grow like alpha^-t: the logged ratio at step t equals alpha^-t
     alpha = explr_alpha(cfg.lr, cfg.weight_decay, cfg.momentum)
     m = claims["norm_growth_constant"]["measured"]
@@ -41,6 +45,15 @@ def test_equivalence_holds_to_rounding_in_float64(tmp_path):
     assert res["metrics"]["invariant_params"] == ["layers.0.bias", "layers.0.weight", "layers.1.bias",
                                                   "layers.1.weight"]
     assert (tmp_path / "e" / "figures" / "explr_equivalence.png").exists()
+
+
+def test_control_fails_when_weight_decay_is_negligible(tmp_path):
+    """With weight decay ~ 0 the schedule is ~ constant, so the control equals the exp run: its claim is False."""
+    run_experiment("explr_equivalence", config=_tiny(weight_decay=1e-13, schedules=("constant",)),
+                   out=tmp_path / "tiny_wd")
+    claims = {c["id"]: c for c in _results(tmp_path / "tiny_wd")["claims"]}
+    assert claims["function_equivalence_constant"]["holds"] is True
+    assert claims["control_no_schedule_constant"]["holds"] is False
 
 
 def test_including_non_invariant_parameters_breaks_the_identity(tmp_path):
