@@ -411,9 +411,12 @@ class RMedProbe(Probe):
         self._warned.add(layer)
         what = (f"R_med is undefined ({res.reason}) and recorded as NaN" if not res.defined else
                 f"R_med is taken over the {res.n} nonzero entries (r_med_zeros records the count)")
-        warnings.warn(f"r_med: layer {layer!r}: {res.n_zero} of {n} sampled Hessian diagonal entries are exactly 0 "
-                      f"(parameters the loss does not depend on here, e.g. embedding rows of tokens absent from the "
-                      f"probe data or weights into dead units); {what}", ProbeWarning, stacklevel=3)
+        zeros = ""
+        if res.n_zero >= ZERO_DIAGONAL_WARN_FRACTION * n:
+            zeros = (f"{res.n_zero} of {n} sampled Hessian diagonal entries are exactly 0 (parameters the loss does "
+                     "not depend on here, e.g. embedding rows of tokens absent from the probe data or weights into "
+                     "dead units); ")
+        warnings.warn(f"r_med: layer {layer!r}: {zeros}{what}", ProbeWarning, stacklevel=3)
 
     def _measure(self, problem, state, names):
         from optiscope.metrics import r_med

@@ -17,7 +17,9 @@ shuffling loader consumes nothing from the global random stream) and concatenate
 draws batch ``t`` as :func:`optiscope.lab.run.batch_indices` ``(t, n, batch_size, data_seed)`` from that pair: the
 batch order is a pure function of ``(data_seed, t)`` whatever the user's loader does (its ``shuffle``, sampler and
 ``batch_size`` do not matter), so compared optimizers see identical batches and a resumed run sees the same batches as
-an uninterrupted one. ``probe_batch`` may also be one pair or several batches (a list or a ``DataLoader``); several
+an uninterrupted one. Across processes the guarantee needs the loader itself to be deterministic: use
+``shuffle=False`` (or a sampler with a seeded ``generator``), since a shuffling loader would hand over its samples in a
+different order each time the ``Problem`` is built. ``probe_batch`` may also be one pair or several batches (a list or a ``DataLoader``); several
 batches are kept as they are, and the probes' Hessian is the exact sample-weighted mean over them (a BatchNorm in
 training mode normalises each batch with its own statistics, as in training).
 
