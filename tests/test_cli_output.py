@@ -66,7 +66,7 @@ def _check_store_json(data, out):
     assert set(data["runs"]) == {"sgdm", "adam"}
     for run in data["runs"].values():
         assert set(run) >= {"status", "optimizer", "final"}
-        assert run["status"] == "completed" or run["status"]
+        assert run["status"] == "finished"
         assert run["final"]["step"] == 6
         assert run["final"]["loss"] > 0
     assert data["r_med"] and all(set(v) == {"sgdm", "adam"} for v in data["r_med"].values())

@@ -192,6 +192,8 @@ def store_json(store) -> dict[str, Any]:
         final = {}
         if fv is not None and not fv.empty and name in fv.index:
             final = {str(c): _num(fv.loc[name, c]) for c in fv.columns}
+            if final.get("step") is not None:
+                final["step"] = int(final["step"])
         runs[name] = {"status": str(meta.get("status", "")), "optimizer": str(meta.get("optimizer", "")),
                       "final": final}
     r_med: dict[str, Any] = {}
