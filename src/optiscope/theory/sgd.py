@@ -137,6 +137,8 @@ class Spectrum:
     @classmethod
     def from_arrays(cls, eigenvalues: Sequence[float], coefficients: Sequence[float], name: str = "arrays",
                     multiplicities: Sequence[float] | None = None) -> Spectrum:
+        """A spectrum from explicit eigenvalues ``lambda_k`` (sorted descending inside) and target coefficients
+        ``c_k`` (optional ``multiplicities`` ``m_k``, default 1 each)."""
         return cls(np.asarray(eigenvalues), np.asarray(coefficients), multiplicities=multiplicities, name=name)
 
     @classmethod
@@ -206,6 +208,7 @@ class Spectrum:
     # -- properties -------------------------------------------------------------------------------------
     @property
     def size(self) -> int:
+        """Number of modes ``k`` in the spectrum."""
         return int(self.eigenvalues.size)
 
     @property
@@ -215,10 +218,12 @@ class Spectrum:
 
     @property
     def initial_loss(self) -> float:
+        """``L_0 = (1/2) sum_k c_k``: the loss at the initial point (zero predictor)."""
         return 0.5 * float(self.coefficients.sum())
 
     @property
     def lambda_max(self) -> float:
+        """The largest eigenvalue ``lambda_1`` (the noiseless stability limit is ``2 (1 + beta) / lambda_1``)."""
         return float(self.eigenvalues[0])
 
     def coarsened(self, n_bins: int) -> Spectrum:
@@ -311,6 +316,7 @@ class LossCurve:
 
     @property
     def diverged(self) -> bool:
+        """Whether the predicted loss diverged within the horizon (``diverged_at`` is set)."""
         return self.diverged_at is not None
 
     def loss_list(self) -> list[float | None]:
@@ -645,6 +651,7 @@ class Stability:
     reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """The verdict as a JSON-ready dict (non-finite numbers become ``None``)."""
         def fin(v):
             return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
         return {k: fin(getattr(self, k)) for k in self.__dataclass_fields__}
@@ -752,9 +759,12 @@ class PowerLawFit:
 
     @property
     def zeta(self) -> float:
+        """``zeta = kappa / nu``: the exponent of the signal-dominated loss decay ``t^-zeta``
+        (Velikanov et al. 2023, §6)."""
         return self.kappa / self.nu
 
     def to_dict(self) -> dict[str, Any]:
+        """The fitted exponents, constants, index ranges and R^2 values as a JSON-ready dict."""
         return {"nu": self.nu, "Lambda": self.Lambda, "kappa": self.kappa, "K": self.K, "zeta": self.zeta,
                 "eig_range": list(self.eig_range), "coef_range": list(self.coef_range),
                 "eig_r2": self.eig_r2, "coef_r2": self.coef_r2}
@@ -835,10 +845,12 @@ class Asymptotics:
     transition_time: float | None
 
     def loss(self, t: Any) -> np.ndarray:
+        """``C_signal t^-zeta + C_noise t^-xi`` at the step(s) ``t``."""
         t = np.asarray(t, dtype=float)
         return self.C_signal * t ** (-self.zeta) + self.C_noise * t ** (-self.xi)
 
     def to_dict(self) -> dict[str, Any]:
+        """The phase, exponents, constants and transition time as a JSON-ready dict (non-finite -> ``None``)."""
         d = dict(self.__dict__)
         if d["transition_time"] is not None and not math.isfinite(d["transition_time"]):
             d["transition_time"] = None
@@ -963,6 +975,9 @@ def optimal_lr_signal_dominated(spectrum: Spectrum, kappa: float, nu: float, bat
 # ---------------------------------------------------------------------------------------------- advise
 @dataclass
 class Advice:
+    """Result of :func:`advise`: the best ``lr`` and ``momentum`` on the grid, the predicted ``loss`` there, the
+    grid (``grid_lrs`` per momentum row, ``grid_momenta``) with its predicted losses, and whether the spectrum was
+    coarsened (``approximated``) to fit the work budget."""
     lr: float
     momentum: float
     loss: float
@@ -972,6 +987,7 @@ class Advice:
     approximated: bool
 
     def to_dict(self) -> dict[str, Any]:
+        """The advice as a JSON-ready dict (the loss grid with ``None`` where the prediction diverged)."""
         g = np.where(np.isfinite(self.grid_loss), self.grid_loss, np.nan)
         return {"lr": self.lr, "momentum": self.momentum, "loss": self.loss, "grid_lrs": self.grid_lrs.tolist(),
                 "grid_momenta": self.grid_momenta.tolist(),
