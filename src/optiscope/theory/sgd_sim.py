@@ -65,6 +65,7 @@ class SampledRuns:
 
     @property
     def n_runs(self) -> int:
+        """Number of sampled runs (rows of ``loss``)."""
         return int(self.loss.shape[0])
 
     def mean_loss(self) -> np.ndarray:
@@ -72,6 +73,7 @@ class SampledRuns:
         return self.loss.mean(axis=0)
 
     def diverged(self) -> np.ndarray:
+        """Boolean per run: whether it diverged (``diverged_at >= 0``)."""
         return self.diverged_at >= 0
 
 
