@@ -79,10 +79,12 @@ class TwoLayerProblem:
 
     @property
     def k(self) -> int:
+        """Output dimension ``k`` (rows of the teacher ``A``)."""
         return self.A.shape[0]
 
     @property
     def d(self) -> int:
+        """Input dimension ``d`` (columns of the teacher ``A``)."""
         return self.A.shape[1]
 
 
