@@ -98,12 +98,15 @@ class ParamSpace:
         self.numel = sum(self.numels)
 
     def flatten(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate ``params`` (detached) into one flat vector in this space's order; ``ValueError`` when
+        one is missing."""
         missing = [n for n in self.names if n not in params]
         if missing:
             raise ValueError(f"parameter dict lacks {missing}")
         return torch.cat([params[n].detach().reshape(-1) for n in self.names])
 
     def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector back into a name -> tensor dict (views of ``vec``); ``ValueError`` on a wrong length."""
         if vec.numel() != self.numel:
             raise ValueError(f"vector has {vec.numel()} entries, the parameters have {self.numel}")
         return {n: p.view(s) for n, p, s in zip(self.names, torch.split(vec, self.numels), self.shapes)}
@@ -353,10 +356,12 @@ class FlowTrajectory:
 
     @property
     def times(self) -> list[float]:
+        """The flow times ``t = n h`` of the recorded iterates."""
         return [s * self.h for s in self.steps]
 
     @property
     def status(self) -> str:
+        """``"finished"`` or ``"diverged at step n"``."""
         return "finished" if self.diverged_at is None else f"diverged at step {self.diverged_at}"
 
 
