@@ -12,11 +12,14 @@ _QUIET = os.environ.get("OPTISCOPE_QUIET", "") not in ("", "0")
 
 
 def set_quiet(quiet: bool) -> None:
+    """Turn progress bars off (``True``) or back on (``False``) for this process (the CLI's ``--quiet``)."""
     global _QUIET
     _QUIET = bool(quiet)
 
 
 def is_quiet() -> bool:
+    """Whether progress bars are off: :func:`set_quiet` or ``OPTISCOPE_QUIET=1``, or stderr is not a terminal
+    (unless ``OPTISCOPE_PROGRESS=1`` forces them)."""
     return _QUIET or not sys.stderr.isatty() and os.environ.get("OPTISCOPE_PROGRESS", "") in ("", "0")
 
 
