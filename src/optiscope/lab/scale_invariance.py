@@ -51,6 +51,8 @@ class GroupScaleInvariance:
 
 @dataclass
 class ScaleInvarianceReport:
+    """Result of :func:`scale_invariance`: one :class:`GroupScaleInvariance` per parameter group, the loss at the
+    unscaled parameters, the scale factors ``c`` tried and the tolerance used to call a group invariant."""
     groups: list[GroupScaleInvariance]
     loss: float
     scales: tuple[float, ...]
@@ -82,6 +84,7 @@ class ScaleInvarianceReport:
         return rows
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict (``loss``, ``scales``, ``tol``, one dict per group)."""
         return {"loss": self.loss, "scales": list(self.scales), "tol": self.tol,
                 "groups": [asdict(g) for g in self.groups]}
 
