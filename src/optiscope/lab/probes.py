@@ -105,6 +105,7 @@ class ProbeState:
         return self.scratch["gradient"]
 
     def params(self) -> dict[str, torch.Tensor]:
+        """The model's current parameters by name, detached (the problem's ``param_names`` only)."""
         named = dict(self.model.named_parameters())
         return {n: named[n].detach() for n in self.problem.param_names}
 
@@ -730,4 +731,6 @@ def split_probe_specs(text: str) -> list[str]:
 
 
 def probe_name(probe: ProbeFn) -> str:
+    """The name a probe's metrics are recorded under: its ``name`` attribute, else the function's name, else the
+    class name."""
     return getattr(probe, "name", None) or getattr(probe, "__name__", None) or type(probe).__name__
