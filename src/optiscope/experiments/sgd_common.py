@@ -24,6 +24,9 @@ __all__ = ["NTKProblem", "log_steps", "median_relative_error", "ntk_problem", "t
 
 @dataclass
 class NTKProblem:
+    """A linearised-network regression problem for the SGD theory (Velikanov et al. 2023, App. F): inputs ``X``,
+    standardised targets ``y``, outputs at init ``f0``, the empirical NTK normalised to ``lambda_max(K/N) = 1``, its
+    :class:`~optiscope.theory.sgd.Spectrum`, and the network it came from."""
     name: str
     X: torch.Tensor          # (N, d) float64
     y: np.ndarray            # (N,) standardised targets
@@ -34,10 +37,12 @@ class NTKProblem:
 
     @property
     def n(self) -> int:
+        """Number of data points ``N``."""
         return int(self.y.shape[0])
 
     @property
     def initial_error(self) -> np.ndarray:
+        """``f0 - y``: the output-space error at initialization, the starting point of the linear dynamics."""
         return self.f0 - self.y
 
 
