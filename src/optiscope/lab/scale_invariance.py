@@ -51,7 +51,7 @@ class GroupScaleInvariance:
 
 @dataclass
 class ScaleInvarianceReport:
-    """Result of :func:`scale_invariance`: one :class:`GroupScaleInvariance` per parameter group, the loss at the
+    """Result of :func:`scale_invariance_report`: one :class:`GroupScaleInvariance` per parameter group, the loss at the
     unscaled parameters, the scale factors ``c`` tried and the tolerance used to call a group invariant."""
     groups: list[GroupScaleInvariance]
     loss: float
