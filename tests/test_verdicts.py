@@ -103,8 +103,10 @@ def test_tolerance_claim():
     v = tolerance_claim(1.2, 1.0, rel_tol=0.1)
     assert v.holds is False and "20.0%" in v.reason
     assert tolerance_claim(0.3, 0.0, abs_tol=0.5).holds is True
-    assert tolerance_claim(1.5, 1.0, rel_tol=0.1, ci=(1.05, 1.9)).holds is True
-    assert tolerance_claim(1.5, 1.0, rel_tol=0.1, ci=(1.2, 1.9)).holds is False
+    assert tolerance_claim(1.02, 1.0, rel_tol=0.1, ci=(0.95, 1.08)).holds is True       # CI inside
+    assert tolerance_claim(1.5, 1.0, rel_tol=0.1, ci=(1.2, 1.9)).holds is False          # CI outside
+    v = tolerance_claim(1.5, 1.0, rel_tol=0.1, ci=(-3.0, 5.0))                           # too wide to decide
+    assert v.holds is None and "straddles" in v.reason
     assert tolerance_claim(float("nan"), 1.0, rel_tol=0.1).holds is None
     assert tolerance_claim(1.0, 1.0, rel_tol=0.1, premises=[(False, "diverged")]).holds is None
     with pytest.raises(ValueError):

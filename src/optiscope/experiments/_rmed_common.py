@@ -1,17 +1,22 @@
-"""Shared machinery of the R_med experiments (seed 000; issue 8): ``rmed_*`` modules compose these.
+"""Shared machinery of the R_med experiments (Jiang, Malik, Li 2023): ``rmed_*`` modules compose these.
 
-* :func:`rmed_probe`: the lab's R_med probe (seed 000 §3.2, Eq. 1) on selected parameter tensors only (default:
-  the weight matrices), so that biases and LayerNorm gains cost no Hessian-vector products.
+* :func:`rmed_probe`: the lab's R_med probe (Jiang et al. 2023, §3.2, Eq. 1) on selected parameter tensors only
+  (default: the weight matrices), so that biases and LayerNorm gains cost no Hessian-vector products.
 * :func:`compare_repeats`: SGD+M vs Adam (or any optimizers) from the same initial model, R repeats that differ
-  only in the data order (seed 000 §4.1: "repeated ... starting from the same initialization").
-* :func:`tune_lr`: the best learning rate of a grid by final training loss (seed 000 §4: "we tuned and chose the
-  best (initial) learning rate of SGD+M").
-* :func:`gap_summary`: the issue's headline numbers: fraction of layers (the first ``exclude_first`` excluded) where
-  optimizer A's R_med is below B's, and the median over layers of the ratio ``mean_r R_B / mean_r R_A`` with a
-  bootstrap 95% interval over repeats (``scipy.stats.bootstrap``, percentile method, repeats resampled).
+  only in the data order (§4.1: "repeated ... starting from the same initialization").
+* The paper's tuning protocol (§4): :func:`tune_lr` (the baseline's best lr by final training loss over the whole
+  horizon, on a grid widened until the best lies strictly inside), :func:`pick_adaptive_lr` (an lr under which the
+  adaptive method converges faster than the tuned baseline, or the report that there is none),
+  :func:`unigram_entropy` (the plateau the baseline must be well below) and :func:`equal_loss_pairs` (App. A.3:
+  iterates of equal training loss); :func:`run_pair` runs all of it.
+* :func:`gap_summary`: fraction of layers (the first ``exclude_first`` excluded) where optimizer A's R_med is below
+  B's, and the median over layers of the ratio ``mean_r R_B / mean_r R_A`` with a bootstrap 95% interval over
+  repeats (``scipy.stats.bootstrap``, percentile method, repeats resampled).
+* Verdicts (:func:`gap_claims`, :func:`faster_claim`, :func:`protocol_premises`) through the one rule in
+  :mod:`optiscope.metrics.verdicts`: untestable (None) when the premise of the comparison did not occur.
 * Figures: loss curves and per-layer R_med over training.
 
-Which R_med value summarises a run is an open choice (the seed's tables do not say at which iterate they are
+Which R_med value summarises a run is an open choice (the paper's tables do not say at which iterate they are
 taken): ``at="late_mean"`` (default) averages the checkpoints in the second half of training; ``"final"`` uses
 the last checkpoint.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -102,36 +108,119 @@ def final_loss(metrics: pd.DataFrame, optimizer: str, metric: str = "loss") -> f
     return float(last["value"].mean())
 
 
-def tune_lr(problem, make_spec: Callable[[float], Any], grid: Sequence[float], steps: int, seed: int,
-            **run_kwargs: Any) -> tuple[float, dict[float, float]]:
-    """Best learning rate of ``grid`` by final training loss after ``steps`` (diverged runs count as +inf).
+@dataclass
+class TuneOutcome:
+    """Result of :func:`tune_lr`: the best lr, the final training loss of every lr tried (diverged: +inf), the lrs
+    added by widening, and whether the best lr lies strictly inside the final grid."""
 
-    Returns ``(best_lr, {lr: final_loss})``. All candidates start from the same initial model and data order.
-    """
+    best: float
+    losses: dict[float, float]
+    widened: list[float]
+    inside: bool
+
+    def __iter__(self):          # ``best, losses = tune_lr(...)`` keeps working
+        return iter((self.best, self.losses))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for results.json."""
+        return {"best": self.best, "losses": {f"{k:g}": _f(v) for k, v in sorted(self.losses.items())},
+                "widened": self.widened, "best_inside_grid": self.inside}
+
+
+def _grid_losses(problem, make_spec, grid, steps, seed, **run_kwargs) -> dict[float, float]:
     from optiscope.lab import compare
 
+    specs = {f"lr={lr:g}": make_spec(lr) for lr in grid}
+    res = compare(problem, specs, steps, probes=["loss:on=train"], seed=seed, data_seed=seed, **run_kwargs)
+    res.metrics["optimizer"] = res.metrics["run"]
+    out = {}
+    for lr, name in zip(grid, specs):
+        v = final_loss(res.metrics, name)
+        ok = res.runs[name].status == "finished" and math.isfinite(v)
+        out[float(lr)] = v if ok else float("inf")
+    return out
+
+
+def tune_lr(problem, make_spec: Callable[[float], Any], grid: Sequence[float], steps: int, seed: int,
+            widen: bool = True, max_widen: int = 3, **run_kwargs: Any) -> TuneOutcome:
+    r"""Best learning rate by final training loss over the whole horizon ``steps`` (Jiang et al. 2023, §4: "we tuned
+    and chose the best (initial) learning rate of SGD+M"), on a grid whose best point lies strictly inside.
+
+    All candidates start from the same initial model and data order (``lab.compare``); the loss is the mean over
+    the whole training set after ``steps`` updates; a diverged run counts as :math:`+\infty`. With ``widen``, while
+    the best lr is the smallest or largest of the grid, one more lr beyond that edge is run (the grid's ratio at
+    that edge, x3 for a one-point grid), at most ``max_widen`` times; ``inside`` says whether the final best lies
+    strictly inside (a diverged neighbour counts as inside).
+    """
     if not grid:
         raise ValueError("learning-rate grid is empty")
-    specs = {f"lr={lr:g}": make_spec(lr) for lr in grid}
-    res = compare(problem, specs, steps, probes=["loss:on=probe"], seed=seed, data_seed=seed, **run_kwargs)
-    res.metrics["optimizer"] = res.metrics["run"]
-    losses = {}
-    for lr, name in zip(grid, specs):
-        run = res.runs[name]
-        v = final_loss(res.metrics, name)
-        losses[float(lr)] = v if run.status == "finished" and math.isfinite(v) else float("inf")
-    best = min(losses, key=lambda k: losses[k])
-    if not math.isfinite(losses[best]):
-        raise RuntimeError(f"every learning rate of the grid {list(grid)} diverged")
-    return best, losses
+    grid = sorted(float(x) for x in grid)
+    losses = _grid_losses(problem, make_spec, grid, steps, seed, **run_kwargs)
+    widened: list[float] = []
+
+    def best_of():
+        return min(losses, key=lambda k: (losses[k], k))
+
+    for _ in range(max_widen if widen else 0):
+        lrs = sorted(losses)
+        b = best_of()
+        if not math.isfinite(losses[b]):
+            break
+        if b == lrs[0]:
+            ratio = lrs[1] / lrs[0] if len(lrs) > 1 else 3.0
+            new = float(f"{b / ratio:.6g}")
+        elif b == lrs[-1]:
+            ratio = lrs[-1] / lrs[-2] if len(lrs) > 1 else 3.0
+            new = float(f"{b * ratio:.6g}")
+        else:
+            break
+        losses.update(_grid_losses(problem, make_spec, [new], steps, seed, **run_kwargs))
+        widened.append(float(new))
+    b = best_of()
+    if not math.isfinite(losses[b]):
+        raise RuntimeError(f"every learning rate of the grid {sorted(losses)} diverged")
+    lrs = sorted(losses)
+    return TuneOutcome(b, losses, widened, lrs[0] < b < lrs[-1])
 
 
 def tuned_lr(problem, make_spec: Callable[[float], Any], grid: Sequence[float], steps: int, seed: int,
-             **run_kwargs: Any) -> tuple[float, dict[float, float]]:
-    """:func:`tune_lr` over ``grid``, or its only value (no tuning run) when the grid has one entry."""
+             **run_kwargs: Any) -> TuneOutcome:
+    """:func:`tune_lr` over ``grid``, or its only value (no tuning run, not widened) when the grid has one entry."""
     if len(grid) > 1:
         return tune_lr(problem, make_spec, grid, steps, seed, **run_kwargs)
-    return float(grid[0]), {}
+    return TuneOutcome(float(grid[0]), {}, [], False)
+
+
+@dataclass
+class AdaptivePick:
+    """The adaptive method's lr by the paper's rule, the grid's final losses, and whether it is faster."""
+
+    lr: float
+    losses: dict[float, float]
+    faster: bool
+    baseline_loss: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for results.json."""
+        return {"lr": self.lr, "losses": {f"{k:g}": _f(v) for k, v in sorted(self.losses.items())},
+                "faster_than_tuned_baseline": self.faster, "baseline_final_loss": _f(self.baseline_loss)}
+
+
+def pick_adaptive_lr(problem, make_spec: Callable[[float], Any], grid: Sequence[float], steps: int, seed: int,
+                     baseline_loss: float, **run_kwargs: Any) -> AdaptivePick:
+    """The paper's rule for the adaptive method (Jiang et al. 2023, §4: "the learning rate of Adam was set as a
+    value under which Adam converged faster than SGD+M with its best learning rate").
+
+    Every lr of ``grid`` is trained over the same horizon, data order and initialisation as the tuned baseline;
+    the lr with the lowest final training loss is chosen, and ``faster`` says whether that loss is below the tuned
+    baseline's ``baseline_loss`` (if no lr is faster, the best one is still returned and ``faster=False``).
+    """
+    if not grid:
+        raise ValueError("adaptive learning-rate grid is empty")
+    losses = _grid_losses(problem, make_spec, sorted(float(x) for x in grid), steps, seed, **run_kwargs)
+    best = min(losses, key=lambda k: (losses[k], k))
+    return AdaptivePick(best, losses, bool(math.isfinite(losses[best]) and losses[best] < baseline_loss),
+                        float(baseline_loss))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,7 +283,8 @@ def gap_summary(values_a: np.ndarray, values_b: np.ndarray, layers: Sequence[str
     a, b = values_a[:, keep], values_b[:, keep]
     mean_a, mean_b = np.nanmean(a, axis=0), np.nanmean(b, axis=0)
     ok = np.isfinite(mean_a) & np.isfinite(mean_b)
-    frac = float(np.mean(mean_a[ok] < mean_b[ok])) if ok.any() else float("nan")
+    n_smaller = int(np.sum(mean_a[ok] < mean_b[ok]))
+    frac = float(n_smaller / ok.sum()) if ok.any() else float("nan")
     med = median_ratio(a, b)
     R = a.shape[0]
     ci = [float("nan"), float("nan")]
@@ -215,7 +305,8 @@ def gap_summary(values_a: np.ndarray, values_b: np.ndarray, layers: Sequence[str
             f"{name_b}_mean": _f(np.nanmean(values_b[:, j])), f"{name_b}_std": _f(np.nanstd(values_b[:, j])),
             "ratio": _f(np.nanmean(values_b[:, j]) / np.nanmean(values_a[:, j])),
         })
-    return {"frac_layers_a_smaller": frac, "n_layers_compared": int(ok.sum()), "median_ratio": med,
+    return {"frac_layers_a_smaller": frac, "n_layers_a_smaller": n_smaller, "n_layers_compared": int(ok.sum()),
+            "median_ratio": med,
             "ci95": ci, "repeats": int(R), "exclude_first": int(exclude_first), "per_layer": per_layer}
 
 
@@ -310,17 +401,99 @@ def hvp_cost(metrics: pd.DataFrame) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the language-modelling setting shared by experiments 1-6 and 8 (seed 000 §4, App. A)
+# the protocol: plateau, schedules, equal-loss matching (Jiang et al. 2023, §4, App. A.3)
 # ----------------------------------------------------------------------------------------------------------------
+class ScheduledProbe:
+    """Runs ``probe`` only at ``steps`` (a Run probes every ``probe_every`` steps; the expensive R_med probe need
+    not run at every loss checkpoint). Elsewhere it returns ``{}``; it never changes what ``probe`` measures."""
+
+    def __init__(self, probe: Any, steps: Sequence[int]):
+        self.probe = probe
+        self.steps = frozenset(int(s) for s in steps)
+        self.name = getattr(probe, "name", "scheduled")
+
+    def __call__(self, problem, state):
+        return self.probe(problem, state) if state.step in self.steps else {}
+
+
+def unigram_entropy(targets: Any) -> float:
+    r"""Entropy of the empirical target distribution in nats, :math:`H = -\sum_c p_c \ln p_c` with :math:`p_c` the
+    frequency of token (class) c among all training targets.
+
+    This is the loss of the best context-free predictor, the *unigram plateau* of a language model: a model whose
+    training loss is close to H has learnt only token frequencies (Jiang et al. 2023, §4, Fig. 3: SGD+M "plateaus").
+    """
+    import torch
+
+    t = torch.as_tensor(targets).reshape(-1)
+    if t.numel() == 0:
+        raise ValueError("unigram_entropy: no targets")
+    if t.dtype.is_floating_point or t.min() < 0:
+        raise ValueError("unigram_entropy: targets must be non-negative integer class indices")
+    p = torch.bincount(t.long()).double()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log()).sum())
+
+
+def loss_curve(metrics: pd.DataFrame, optimizer: str, repeat: int | None = None, metric: str = "loss") -> pd.Series:
+    """Step -> training loss of one optimizer (one repeat, or the mean over repeats), sorted by step."""
+    df = metrics[(metrics["optimizer"] == optimizer) & (metrics["metric"] == metric) & (metrics["layer"] == "")]
+    if repeat is not None and "repeat" in df:
+        df = df[df["repeat"] == repeat]
+    s = df.groupby("step")["value"].mean().sort_index()
+    return s[np.isfinite(s.to_numpy())]
+
+
+def equal_loss_pairs(curve_b: pd.Series, curve_a: pd.Series, checkpoints_b: Sequence[int],
+                     max_loss: float) -> list[tuple[int, int]]:
+    """Jiang et al. 2023, App. A.3: for each checkpoint ``t2`` of B (SGD+M) with loss ``<= max_loss`` (well below
+    the plateau), the recorded step ``t1`` of A (Adam) whose training loss is nearest to ``L_B(t2)``, taken around
+    the first step at which A's curve reaches it. Returns ``[(t1, t2)]``; a ``t2`` whose loss A never reaches is
+    skipped. The loss mismatch is bounded by A's loss change over one recording interval."""
+    pairs = []
+    steps_a = curve_a.index.to_numpy()
+    vals_a = curve_a.to_numpy()
+    for t2 in checkpoints_b:
+        if t2 == 0 or t2 not in curve_b.index:
+            continue
+        target = float(curve_b[t2])
+        if not target <= max_loss:
+            continue
+        hit = np.nonzero(vals_a <= target)[0]
+        if hit.size == 0:
+            continue
+        j = int(hit[0])
+        if j > 0 and abs(vals_a[j - 1] - target) < abs(vals_a[j] - target):
+            j -= 1
+        if steps_a[j] > 0:
+            pairs.append((int(steps_a[j]), int(t2)))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the language-modelling setting shared by the transformer experiments (Jiang et al. 2023, §4, App. A)
+# ----------------------------------------------------------------------------------------------------------------
+PAPER_BAND = (1.4, 2.0)
+"""Jiang et al. 2023, §3.2: R_med of SGD+M is "roughly 1.4 to 2 times" that of Adam in most layers."""
+WIDENED_BAND = (1.2, 3.0)
+"""The paper's band widened for differences of scale between its models and ours (judging rule, not a result)."""
+
+
 @dataclass(frozen=True)
 class LMConfig(Config):
-    """A small causal transformer on the byte-level ``fortunes`` corpus, SGD+M vs Adam from the same init.
+    """A small causal transformer on the byte-level ``fortunes`` corpus, SGD+M vs Adam from the same init, under the
+    tuning protocol of Jiang et al. 2023, §4.
 
-    ``sgdm_lrs``: the grid from which SGD+M's best lr is chosen by training loss after ``tune_steps`` (seed 000
-    §4: "we tuned and chose the best learning rate of SGD+M"); ``adam_lr``: an lr at which Adam converges faster
-    (checked and reported, not assumed). ``batch_size`` is large relative to the data ("we used large batch sizes");
-    the Hessian is taken on a fixed ``probe_size``-sequence batch. ``exclude_first``: the first layers left out
-    of the headline fraction (seed §2: "except for first several layers").
+    * ``sgdm_lrs``: SGD+M's lr grid, tuned by final training loss over the whole horizon (``tune_steps = 0``:
+      ``steps``), widened (at most ``max_widen`` points) until the best lr lies strictly inside.
+    * ``adam_lrs``: Adam's grid (empty: ``(adam_lr,)``); the lr is chosen by the paper's rule (a value under which
+      Adam converges faster than tuned SGD+M), and when none is faster that is reported.
+    * The comparison is judged only where tuned SGD+M is well below the unigram plateau: final training loss
+      ``<= plateau_fraction * H_unigram``; the training loss is recorded every ``loss_every`` steps, R_med at
+      ``n_checkpoints`` checkpoints; the primary number is the equal-loss comparison (App. A.3).
+    * ``batch_size`` is large relative to the data ("we used large batch sizes"); the Hessian is taken on a fixed
+      ``probe_size``-sequence batch; ``exclude_first`` layers are left out of the headline numbers (§2).
+    * ``band`` / ``band_widened``: the paper's size of the effect and the widened band the CI is judged against.
     """
 
     seed: int = 0
@@ -334,43 +507,67 @@ class LMConfig(Config):
     batch_size: int = 256
     momentum: float = 0.9
     sgdm_lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)  # lr/(1-momentum) spans plain SGD's 0.1..10
-    tune_steps: int = 60
+    tune_steps: int = 0
+    max_widen: int = 3
     adam_lr: float = 3e-3
+    adam_lrs: tuple[float, ...] = ()
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-8
     weight_decay: float = 0.0
-    repeats: int = 2
-    n_checkpoints: int = 3
+    repeats: int = 3
+    n_checkpoints: int = 4
+    loss_every: int = 10
+    plateau_fraction: float = 0.8
     per_layer: int = 200
     delta: float = 0.0
     at: str = "late_mean"
     exclude_first: int = 2
     n_bootstrap: int = 2000
+    band: tuple[float, float] = PAPER_BAND
+    band_widened: tuple[float, float] = WIDENED_BAND
 
     def validate(self) -> None:
         for f in ("seq_len", "n_train", "probe_size", "d_model", "n_layers", "n_heads", "steps", "batch_size",
-                  "repeats", "n_checkpoints", "per_layer"):
+                  "repeats", "n_checkpoints", "per_layer", "loss_every"):
             require(getattr(self, f) >= 1, f, getattr(self, f), ">= 1")
         require(self.d_model % self.n_heads == 0, "d_model", self.d_model, f"a multiple of n_heads={self.n_heads}")
         require(self.probe_size <= self.n_train, "probe_size", self.probe_size, f"<= n_train={self.n_train}")
         require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
         require(len(self.sgdm_lrs) >= 1 and all(x > 0 for x in self.sgdm_lrs), "sgdm_lrs", self.sgdm_lrs,
                 "a non-empty list of positive learning rates")
-        require(self.tune_steps >= 1, "tune_steps", self.tune_steps, ">= 1")
+        require(self.tune_steps >= 0, "tune_steps", self.tune_steps, ">= 0 (0: the whole horizon)")
+        require(self.max_widen >= 0, "max_widen", self.max_widen, ">= 0")
         require(self.adam_lr > 0, "adam_lr", self.adam_lr, "> 0")
+        require(all(x > 0 for x in self.adam_lrs), "adam_lrs", self.adam_lrs, "positive learning rates")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2", (self.beta1, self.beta2), "in [0, 1)")
         require(self.eps >= 0, "eps", self.eps, ">= 0")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        require(0 < self.plateau_fraction <= 1, "plateau_fraction", self.plateau_fraction, "in (0, 1]")
         require(self.delta >= 0, "delta", self.delta, ">= 0")
         require(self.at in AT_CHOICES, "at", self.at, f"one of {AT_CHOICES}")
         require(self.exclude_first >= 0, "exclude_first", self.exclude_first, ">= 0")
         require(self.n_bootstrap >= 100, "n_bootstrap", self.n_bootstrap, ">= 100")
+        for f in ("band", "band_widened"):
+            v = getattr(self, f)
+            require(len(v) == 2 and 0 < v[0] <= v[1], f, v, "(low, high) with 0 < low <= high")
+        require(self.band_widened[0] <= self.band[0] and self.band_widened[1] >= self.band[1], "band_widened",
+                self.band_widened, f"an interval containing band={self.band}")
+
+    @property
+    def horizon(self) -> int:
+        """Steps over which learning rates are tuned: ``tune_steps``, or the whole training run when 0."""
+        return self.tune_steps or self.steps
+
+    @property
+    def adam_grid(self) -> tuple[float, ...]:
+        """Adam's lr grid: ``adam_lrs``, or ``(adam_lr,)`` when empty."""
+        return tuple(self.adam_lrs) or (self.adam_lr,)
 
 
 def lm_problem(cfg: LMConfig, random_targets: bool = False):
     """Problem: ``TinyTransformer`` (causal LM, seeded init) on ``fortunes`` (or its random-target version,
-    seed 000 §4.2); the Hessian batch is the first ``probe_size`` training sequences."""
+    Jiang et al. 2023, §4.2); the Hessian batch is the first ``probe_size`` training sequences."""
     from optiscope.lab import Problem
     from optiscope.zoo.data import default_loss, fortunes, random_labels
     from optiscope.zoo.models import TinyTransformer
@@ -386,45 +583,125 @@ def lm_problem(cfg: LMConfig, random_targets: bool = False):
 
 
 def sgdm_spec(cfg: LMConfig, lr: float) -> tuple[str, dict]:
+    """SGD with heavy-ball momentum ``cfg.momentum`` (PyTorch convention) at ``lr``."""
     return ("sgdm", {"lr": float(lr), "momentum": cfg.momentum, "weight_decay": cfg.weight_decay})
 
 
 def adam_spec(cfg: LMConfig, lr: float | None = None) -> tuple[str, dict]:
+    """Adam with ``cfg``'s betas, eps and weight decay at ``lr`` (default ``cfg.adam_lr``)."""
     return ("adam", {"lr": float(cfg.adam_lr if lr is None else lr), "betas": (cfg.beta1, cfg.beta2),
                      "eps": cfg.eps, "weight_decay": cfg.weight_decay})
 
 
 @dataclass
 class PairOutcome:
-    """What :func:`run_pair` measured: metrics of all repeats, layers, tuning, statuses and the gap summary."""
+    """What :func:`run_pair` measured: metrics of all repeats, layers, tuning, statuses, the equal-step and
+    equal-loss gap summaries, the plateau check and the matched pairs."""
 
     metrics: pd.DataFrame
     layers: list[str]
     sgdm_lr: float
-    tuning: dict[float, float]
+    tuning: TuneOutcome
+    adaptive: AdaptivePick
     status: dict[str, str]
     summary: dict[str, Any]
+    equal_loss: dict[str, Any] | None
+    pairs: list[dict[str, Any]]
+    plateau: dict[str, Any]
+    final_losses: dict[str, list[float]]
     seconds: float
 
 
-def run_pair(cfg: LMConfig, problem, optimizers: Mapping[str, Any] | None = None, a: str = "adam",
-             b: str = "sgdm", extra_probes: Sequence[Any] = (), tune: bool = True,
-             make_b: Callable[[float], Any] | None = None) -> PairOutcome:
-    """Tune B's lr on ``cfg.sgdm_lrs`` (if ``tune``), then compare all ``optimizers`` (default: A = Adam, B = SGD+M)
-    over ``cfg.repeats`` data orders with R_med checkpoints, and summarise A vs B with :func:`gap_summary`."""
+def _rmed_at(metrics: pd.DataFrame, step: int, layers: Sequence[str]) -> list[float]:
+    d = metrics[(metrics["metric"] == "r_med") & (metrics["step"] == step)].groupby("layer")["value"].mean()
+    return [float(d.get(l, np.nan)) for l in layers]
+
+
+def equal_loss_comparison(problem, cfg, metrics: pd.DataFrame, a: str, b: str, spec_a: Any, layers: Sequence[str],
+                          checkpoints_b: Sequence[int], rmed: Any, max_loss: float
+                          ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Jiang et al. 2023, App. A.3 on a repeats frame: per repeat, :func:`equal_loss_pairs` of B's checkpoints below
+    ``max_loss`` with A's loss curve, then a second, identical run of A (same seed and data order, ``spec_a``)
+    measuring R_med at the matched steps; per layer the mean over pairs of ``R_A(t1)`` and ``R_B(t2)``.
+
+    Returns ``(gap_summary or None when no repeat has a pair, list of pairs)``; each pair records both losses (the
+    second run's loss at t1 checks that it retraced the first).
+    """
+    from optiscope.lab import compare
+
+    kw = dict(batch_size=cfg.batch_size, checkpoint=False)
+    R = int(metrics["repeat"].max()) + 1 if len(metrics) else 0
+    va = np.full((R, len(layers)), np.nan)
+    vb = np.full((R, len(layers)), np.nan)
+    pairs_all: list[dict[str, Any]] = []
+    for r in range(R):
+        mr = metrics[metrics["repeat"] == r]
+        cb, ca = loss_curve(mr, b), loss_curve(mr, a)
+        pairs = equal_loss_pairs(cb, ca, checkpoints_b, max_loss)
+        if not pairs:
+            continue
+        t1s = sorted({t1 for t1, _ in pairs})
+        second = compare(problem, {a: spec_a}, max(t1s), probes=["loss:on=train", rmed], probe_steps=t1s,
+                         seed=cfg.seed, data_seed=cfg.seed + r, **kw)
+        sm = second.metrics
+        rows_a, rows_b = [], []
+        for t1, t2 in pairs:
+            la2 = sm[(sm["metric"] == "loss") & (sm["layer"] == "") & (sm["step"] == t1)]["value"]
+            xa = _rmed_at(sm, t1, layers)
+            xb = _rmed_at(mr[mr["optimizer"] == b], t2, layers)
+            rows_a.append(xa)
+            rows_b.append(xb)
+            pairs_all.append({"repeat": r, f"step_{a}": t1, f"step_{b}": t2, f"loss_{a}": float(ca[t1]),
+                              f"loss_{a}_second_pass": float(la2.iloc[0]) if len(la2) else None,
+                              f"loss_{b}": float(cb[t2]), f"r_med_{a}": xa, f"r_med_{b}": xb})
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            va[r] = np.nanmean(np.array(rows_a), axis=0)
+            vb[r] = np.nanmean(np.array(rows_b), axis=0)
+    ok = np.isfinite(va).any(axis=1)
+    if not ok.any():
+        return None, pairs_all
+    return gap_summary(va[ok], vb[ok], layers, cfg.exclude_first, cfg.n_bootstrap, cfg.seed, name_a=a,
+                       name_b=b), pairs_all
+
+
+def run_pair(cfg: LMConfig, problem, a: str = "adam", b: str = "sgdm",
+             make_a: Callable[[float], Any] | None = None, make_b: Callable[[float], Any] | None = None,
+             extra_probes: Sequence[Any] = ()) -> PairOutcome:
+    """The paper's protocol for adaptive method A (default Adam) vs baseline B (default SGD+M):
+
+    1. B's lr: :func:`tune_lr` on ``cfg.sgdm_lrs`` over the whole horizon, widened until the best is inside;
+    2. A's lr: :func:`pick_adaptive_lr` on ``cfg.adam_grid`` against tuned B's final loss;
+    3. ``cfg.repeats`` data orders from the same initialisation (``lab.compare``), training loss every
+       ``loss_every`` steps, R_med at ``n_checkpoints`` checkpoints (the equal-step comparison);
+    4. the equal-loss comparison (App. A.3): for each B checkpoint below ``plateau_fraction * H_unigram``, A's
+       step with the same training loss (:func:`equal_loss_pairs`), and R_med of A measured there in a second,
+       identical A run (training is deterministic given seed and data order).
+    """
     make_b = make_b or (lambda lr: sgdm_spec(cfg, lr))
-    best, tuning = tuned_lr(problem, make_b, cfg.sgdm_lrs if tune else cfg.sgdm_lrs[:1], cfg.tune_steps, cfg.seed,
-                            batch_size=cfg.batch_size, checkpoint=False)
-    opts = dict(optimizers) if optimizers is not None else {}
-    opts.setdefault(b, make_b(best))
-    opts.setdefault(a, adam_spec(cfg))
+    make_a = make_a or (lambda lr: adam_spec(cfg, lr))
+    kw = dict(batch_size=cfg.batch_size, checkpoint=False)
+    t0 = time.perf_counter()
+    H = unigram_entropy(problem.train[1])
+    tune = tune_lr(problem, make_b, cfg.sgdm_lrs, cfg.horizon, cfg.seed, max_widen=cfg.max_widen, **kw)
+    pick = pick_adaptive_lr(problem, make_a, cfg.adam_grid, cfg.horizon, cfg.seed, tune.losses[tune.best], **kw)
+    opts = {b: make_b(tune.best), a: make_a(pick.lr)}
     layers = weight_matrix_params(problem.model)
-    probes = ["loss:on=train", rmed_probe(layers, cfg.per_layer, cfg.delta), *extra_probes]
-    out = compare_repeats(problem, opts, cfg.steps, cfg.repeats, cfg.seed, probes,
-                          batch_size=cfg.batch_size, probe_steps=checkpoint_steps(cfg.steps, cfg.n_checkpoints),
-                          checkpoint=False)
+    ck = checkpoint_steps(cfg.steps, cfg.n_checkpoints)
+    rmed = rmed_probe(layers, cfg.per_layer, cfg.delta)
+    probes = ["loss:on=train", ScheduledProbe(rmed, (0, *ck)), *extra_probes]
+    out = compare_repeats(problem, opts, cfg.steps, cfg.repeats, cfg.seed, probes, probe_every=cfg.loss_every,
+                          probe_steps=ck, **kw)
     summary = pair_gap_summary(out.metrics, a, b, layers, cfg)
-    return PairOutcome(out.metrics, layers, best, tuning, out.status, summary, out.seconds)
+    equal, pairs_all = equal_loss_comparison(problem, cfg, out.metrics, a, b, opts[a], layers, ck, rmed,
+                                             cfg.plateau_fraction * H)
+    finals = {o: [final_loss(out.metrics[out.metrics["repeat"] == r], o) for r in range(cfg.repeats)]
+              for o in (a, b)}
+    plateau = {"unigram_entropy": H, "plateau_fraction": cfg.plateau_fraction, "max_loss": cfg.plateau_fraction * H,
+               **{f"final_loss_{o}": float(np.mean(v)) for o, v in finals.items()},
+               **{f"relative_{o}": float(np.mean(v) / H) for o, v in finals.items()}}
+    return PairOutcome(out.metrics, layers, tune.best, tune, pick, out.status, summary, equal, pairs_all, plateau,
+                       finals, time.perf_counter() - t0)
 
 
 def faster(metrics: pd.DataFrame, a: str, b: str) -> dict[str, Any]:
@@ -433,25 +710,105 @@ def faster(metrics: pd.DataFrame, a: str, b: str) -> dict[str, Any]:
     return {f"final_loss_{a}": la, f"final_loss_{b}": lb, "a_faster": bool(la < lb)}
 
 
-def gap_claims(summary: Mapping[str, Any], prefix: str, a: str, b: str, paper_frac: Any = "most layers",
-               paper_ratio: Any = "1.4-2x") -> list:
-    """The two standard verdicts: (1) A's R_med below B's in most layers; (2) the median ratio B/A >= 1.4."""
+def faster_claim(finals_a: Sequence[float], finals_b: Sequence[float], a: str, b: str, paper: Any,
+                 extra: Mapping[str, Any] | None = None, premises=()):
+    """Claim "A converges faster than B": the per-repeat final-loss gap ``L_B - L_A`` (same data order) has a
+    Student-t 95% CI above 0 (:func:`optiscope.metrics.verdicts.direction_claim`)."""
     from optiscope.experiments.base import Claim
+    from optiscope.metrics.verdicts import direction_claim, mean_ci
 
-    frac, med, ci = summary["frac_layers_a_smaller"], summary["median_ratio"], summary["ci95"]
+    diff = [lb - la for la, lb in zip(finals_a, finals_b)]
+    m, lo, hi = mean_ci(diff)
+    v = direction_claim((lo, hi), null=0.0, estimate=m, premises=premises)
+    measured = {f"final_loss_{a}": _f(np.nanmean(finals_a)), f"final_loss_{b}": _f(np.nanmean(finals_b)),
+                "gap_mean": _f(m), "gap_ci95": [_f(lo), _f(hi)], "repeats": len(diff), **dict(extra or {})}
+    return Claim.judged(f"{a}_faster", f"{a} reaches a lower training loss than {b} (per-repeat gap CI > 0)",
+                        paper, measured, v)
+
+
+def gap_claims(summary: Mapping[str, Any] | None, prefix: str, a: str, b: str, paper_frac: Any = "most layers",
+               paper_ratio: Any = "1.4-2x", band: tuple[float, float] | None = PAPER_BAND,
+               band_widened: tuple[float, float] | None = WIDENED_BAND, premises=(), what: str = "") -> list:
+    """The two standard verdicts of an A-vs-B R_med comparison (:mod:`optiscope.metrics.verdicts`):
+
+    1. ``{prefix}_most_layers``: A's R_med below B's in most layers: one-sided Clopper-Pearson bound on the count
+       of compared layers > 1/2 (``None`` when there are too few layers to decide);
+    2. ``{prefix}_ratio``: the median over layers of ``R_B / R_A`` with its bootstrap CI, against ``band``
+       widened to ``band_widened`` with lower bound > 1; with ``band=None`` a direction claim (CI > 1).
+
+    Both are ``None`` (untestable here) when a premise fails or ``summary`` is None (nothing to compare).
+    """
+    from optiscope.experiments.base import Claim
+    from optiscope.metrics.verdicts import band_claim, direction_claim, fraction_claim
+
+    premises = list(premises)
+    tag = f" {what}" if what else ""
+    if summary is None:
+        premises.append((False, f"no comparison{tag} could be made"))
+        summary = {"frac_layers_a_smaller": float("nan"), "n_layers_a_smaller": 0, "n_layers_compared": 0,
+                   "median_ratio": float("nan"), "ci95": [float("nan"), float("nan")], "repeats": 0,
+                   "exclude_first": 0}
+    k, n = summary["n_layers_a_smaller"], summary["n_layers_compared"]
+    med, ci = summary["median_ratio"], summary["ci95"]
+    v_frac = fraction_claim(k, n, premises=premises)
+    if band is not None:
+        v_ratio = band_claim(ci, band, widen_to=band_widened, estimate=med, premises=premises)
+        text = (f"median over layers of R_med({b}) / R_med({a}){tag}: CI overlaps [{band_widened[0]:g}, "
+                f"{band_widened[1]:g}] (the paper's {band[0]:g}-{band[1]:g}x widened) and its lower bound > 1")
+    else:
+        v_ratio = direction_claim(ci, null=1.0, estimate=med, premises=premises)
+        text = f"median over layers of R_med({b}) / R_med({a}){tag} has a CI above 1"
     return [
-        Claim(f"{prefix}_most_layers", f"R_med of {a} is below R_med of {b} in most layers (first "
-              f"{summary['exclude_first']} excluded)", paper=paper_frac,
-              measured={"fraction": frac, "n_layers": summary["n_layers_compared"]},
-              holds=None if not math.isfinite(frac) else bool(frac > 0.5)),
-        Claim(f"{prefix}_ratio", f"median over layers of R_med({b}) / R_med({a}) is at least 1.4", paper=paper_ratio,
-              measured={"median_ratio": med, "ci95": ci, "repeats": summary["repeats"]},
-              holds=None if not math.isfinite(med) else bool(med >= 1.4)),
+        Claim.judged(f"{prefix}_most_layers", f"R_med of {a} is below R_med of {b} in most layers{tag} (first "
+                     f"{summary['exclude_first']} excluded; one-sided 95% binomial bound > 1/2)", paper_frac,
+                     {"fraction": _f(summary["frac_layers_a_smaller"]), "layers_a_smaller": k, "n_layers": n}, v_frac),
+        Claim.judged(f"{prefix}_ratio", text, paper_ratio,
+                     {"median_ratio": _f(med), "ci95": [_f(x) for x in ci], "repeats": summary["repeats"]}, v_ratio),
     ]
+
+
+def premises_for(tuning: TuneOutcome, adaptive: AdaptivePick, finals_a: Sequence[float], finals_b: Sequence[float],
+                 plateau_loss: float, unigram: float, plateau_fraction: float, a_label: str = "Adam",
+                 b_label: str = "SGD+M", plateau_label: str | None = None) -> list[tuple[bool, str]]:
+    """The premises under which the paper's R_med comparison is made (Jiang et al. 2023, §4):
+
+    * B's best lr lies strictly inside its (widened) grid (B is tuned; a one-point grid counts as given);
+    * A converges faster than tuned B (the paper's lr rule) on the tuning run and on average over the repeats;
+    * the optimizer named ``plateau_label`` (default B) is well below the unigram plateau: its mean final loss
+      ``plateau_loss <= plateau_fraction * unigram``.
+    """
+    label = plateau_label or b_label
+    rel = plateau_loss / unigram
+    la, lb = float(np.nanmean(finals_a)), float(np.nanmean(finals_b))
+    return [
+        (tuning.inside or not tuning.losses,
+         f"{b_label}'s best lr {tuning.best:g} is at the edge of its grid {sorted(tuning.losses)} after widening "
+         f"(not tuned)"),
+        (adaptive.faster and la < lb,
+         f"{a_label} is not faster than tuned {b_label} at any lr of its grid {sorted(adaptive.losses)} "
+         f"(best {a_label} final loss {adaptive.losses.get(adaptive.lr, float('nan')):.4g} vs "
+         f"{adaptive.baseline_loss:.4g}; repeats {la:.4g} vs {lb:.4g})"),
+        (rel <= plateau_fraction,
+         f"{label} is still on the unigram plateau: final loss {plateau_loss:.4g} = {rel:.3f} x the unigram entropy "
+         f"{unigram:.4g} (judged only at <= {plateau_fraction:g} x)"),
+    ]
+
+
+def protocol_premises(out: PairOutcome, a: str = "adam", b: str = "sgdm", on: str | None = None,
+                      a_label: str = "Adam", b_label: str = "SGD+M") -> list[tuple[bool, str]]:
+    """:func:`premises_for` of a :class:`PairOutcome`; ``on`` names the optimizer that must leave the plateau
+    (default B; random targets: A)."""
+    on = b if on is None else on
+    p = out.plateau
+    return premises_for(out.tuning, out.adaptive, out.final_losses[a], out.final_losses[b], p[f"final_loss_{on}"],
+                        p["unigram_entropy"], p["plateau_fraction"], a_label, b_label,
+                        plateau_label=b_label if on == b else a_label)
 
 
 def pair_metrics(out: PairOutcome, a: str = "adam", b: str = "sgdm") -> dict[str, Any]:
     """The ``metrics`` block of results.json for a pairwise comparison."""
-    return {"layers": out.layers, "sgdm_lr": out.sgdm_lr, "lr_tuning": {str(k): v for k, v in out.tuning.items()},
-            "status": out.status, "summary": out.summary, "speed": faster(out.metrics, a, b),
-            "hvp_cost": hvp_cost(out.metrics), "seconds": out.seconds}
+    return {"layers": out.layers, "sgdm_lr": out.sgdm_lr, "lr_tuning": out.tuning.to_dict(),
+            "adaptive_lr": out.adaptive.to_dict(), "plateau": out.plateau, "status": out.status,
+            "summary_equal_step": out.summary, "summary_equal_loss": out.equal_loss, "equal_loss_pairs": out.pairs,
+            "final_losses": out.final_losses, "speed": faster(out.metrics, a, b), "hvp_cost": hvp_cost(out.metrics),
+            "seconds": out.seconds}

@@ -191,8 +191,12 @@ def tolerance_claim(measured: float, predicted: float, *, rel_tol: float | None 
 
     The tolerance interval is :math:`T = [p - \tau, p + \tau]` with :math:`\tau = \max(\text{abs\_tol},
     \text{rel\_tol}\cdot|p|)` (either may be omitted, not both). Without a CI, ``holds`` iff :math:`|m - p| \le
-    \tau`; with a CI :math:`[l, u]` of the measurement, ``holds`` iff :math:`[l, u] \cap T \ne \emptyset` (the
-    measurement is compatible with the prediction within tolerance). A passing theory claim is only informative
+    \tau`. With a CI :math:`[l, u]` of the measurement the rule is an equivalence test:
+
+    .. math:: \text{True} \iff [l, u] \subseteq T, \qquad \text{False} \iff [l, u] \cap T = \emptyset,
+
+    and ``None`` (undecided at this sample size) when the CI straddles an end of :math:`T`: an interval wide
+    enough to overlap anything would otherwise pass every theory. A passing theory claim is only informative
     together with a :func:`negative_control_claim` that shows a wrong prediction fails the same test.
     """
     if rel_tol is None and abs_tol is None:
@@ -208,9 +212,12 @@ def tolerance_claim(measured: float, predicted: float, *, rel_tol: float | None 
     iv = _ci(ci)
     if iv is not None:
         lo, hi = iv
-        ok = bool(hi >= p - tau and lo <= p + tau)
-        return Verdict(ok, f"measured {_fmt(m)} CI [{_fmt(lo)}, {_fmt(hi)}] vs predicted {_fmt(p)} +- {_fmt(tau)}: "
-                           f"{'overlaps' if ok else 'outside'}")
+        desc = f"measured {_fmt(m)} CI [{_fmt(lo)}, {_fmt(hi)}] vs predicted {_fmt(p)} +- {_fmt(tau)}"
+        if p - tau <= lo and hi <= p + tau:
+            return Verdict(True, f"{desc}: CI inside the tolerance")
+        if hi < p - tau or lo > p + tau:
+            return Verdict(False, f"{desc}: CI outside the tolerance")
+        return Verdict(None, f"undecided here: {desc}: the CI straddles the tolerance band (too noisy to decide)")
     err = abs(m - p)
     ok = bool(err <= tau)
     rel = f" ({err / abs(p):.1%})" if p != 0 else ""
