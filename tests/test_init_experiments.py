@@ -70,8 +70,19 @@ def test_init_chain_end_to_end(tmp_path):
     claims = {c["id"]: c for c in res["claims"]}
     assert claims["medians"]["holds"] is True
     assert claims["trade_off"]["holds"] is True
+    # the wrong-depth theory fails the same test, so "medians" could have failed
+    assert claims["control_wrong_depth"]["holds"] is True
+    assert all(c["reason"] for c in res["claims"])
     with pytest.raises(ValueError, match="n_samples"):
         run_experiment("init_chain", out=tmp_path / "bad", overrides=["n_samples=10"])
+
+
+def test_init_chain_control_can_fail(tmp_path):
+    """Fed the right-depth theory itself as the control (offset 0), the control claim must come out False."""
+    res, _ = _run("init_chain", tmp_path, ["n_samples=20000", "max_depth=4", "control_depth_offset=0"])
+    claims = {c["id"]: c for c in res["claims"]}
+    assert claims["medians"]["holds"] is True
+    assert claims["control_wrong_depth"]["holds"] is False
 
 
 def test_init_escape_end_to_end(tmp_path):

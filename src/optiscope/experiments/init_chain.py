@@ -6,6 +6,10 @@ medians of ``|f|``, ``|df/dw_1|``, ``|d2f/dw_1 dw_2|`` and ``d2l/dw_1^2 = (df/dw
 :func:`optiscope.theory.init.chain_medians`. Chains of different depths share their first weights (depth ``L`` uses
 ``w_1..w_L``), so the per-depth estimates are correlated but each is an exact-in-law sample. We also show that the
 population mean ``E f^2 = 1`` is an atypical event: its Monte Carlo estimate collapses at large depth (fat tails).
+
+Negative control (its own claim): the same exact theory evaluated at the wrong depth (``L + control_depth_offset``)
+is scored by the same test and must fail it (max relative error above the tolerance, and far above the right-depth
+theory's), so that the "medians match" test could have failed.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.init_check import limit_threads
 from optiscope.lab.store import RunStore
+from optiscope.metrics.verdicts import negative_control_claim, tolerance_claim
 from optiscope.theory.init import (
     chain_abs_moment,
     chain_medians,
@@ -43,6 +49,7 @@ class ChainConfig(Config):
     x: float = 1.0
     y: float = 1.0
     tolerance: float = 0.10
+    control_depth_offset: int = 1
 
     def validate(self) -> None:
         require(self.max_depth >= 2, "max_depth", self.max_depth, ">= 2")
@@ -52,6 +59,9 @@ class ChainConfig(Config):
         require(self.x != 0 and math.isfinite(self.x), "x", self.x, "a finite non-zero number")
         require(math.isfinite(self.y), "y", self.y, "a finite number")
         require(0 < self.tolerance < 1, "tolerance", self.tolerance, "in (0, 1)")
+        # 0 feeds the right-depth theory itself as the control: its claim must then come out False
+        require(abs(self.control_depth_offset) <= self.max_depth, "control_depth_offset", self.control_depth_offset,
+                f"an integer depth offset with |offset| <= max_depth = {self.max_depth}")
 
 
 def chain_monte_carlo(n_samples: int, max_depth: int, dist: str, scale: float, x: float, y: float,
@@ -120,13 +130,17 @@ def _run(config: ChainConfig, store: RunStore) -> Result:
     claims: list[Claim] = []
     metrics: dict = {"n_samples": config.n_samples, "max_depth": config.max_depth}
     worst: dict[str, float] = {}
+    worst_control: dict[str, float] = {}
+    control_outside = control_total = 0
     arrays: dict[str, np.ndarray] = {"depths": depths}
     fig, axes = plt.subplots(1, len(config.dists) + 1, figsize=(5 * (len(config.dists) + 1), 4))
     rows = []
     for k, dist in enumerate(track(config.dists, "neural chain Monte Carlo")):
         scale = moment_stabilizing_scale(2.0, dist)  # E f^2 = x^2 at every depth
         mc = chain_monte_carlo(config.n_samples, config.max_depth, dist, scale, config.x, config.y, gen)
-        prod_medians = [chain_product_median(n, dist, scale) for n in range(config.max_depth + 1)]
+        off = config.control_depth_offset
+        n_max = config.max_depth + max(off, 0)
+        prod_medians = [chain_product_median(n, dist, scale) for n in range(n_max + 1)]
         theory = {q: np.empty(len(depths)) for q in QUANTITIES}
         ax_ = abs(config.x)
         for i, L in enumerate(depths):
@@ -134,12 +148,26 @@ def _run(config: ChainConfig, store: RunStore) -> Result:
             theory["gradient"][i] = ax_ * prod_medians[L - 1]
             theory["hessian_offdiag"][i] = ax_ * prod_medians[L - 2] if L >= 2 else np.nan
             theory["hessian_diag"][i] = (ax_ * prod_medians[L - 1]) ** 2
+        # the wrong-depth control: the same formulas at depth L + offset (NaN where that depth is < 1)
+        wrong = {q: np.full(len(depths), np.nan) for q in QUANTITIES}
+        for i, L in enumerate(depths):
+            Lw = int(L) + off
+            if Lw >= 1:
+                wrong["forward"][i] = ax_ * prod_medians[Lw]
+                wrong["gradient"][i] = ax_ * prod_medians[Lw - 1]
+                wrong["hessian_offdiag"][i] = ax_ * prod_medians[Lw - 2] if L >= 2 and Lw >= 2 else np.nan
+                wrong["hessian_diag"][i] = (ax_ * prod_medians[Lw - 1]) ** 2
         ax = axes[k]
         n_in_ci = n_total = 0
         for q, color in zip(QUANTITIES, ("C0", "C1", "C2", "C3")):
             med = mc[f"median_{q}"]
             rel = np.abs(med / theory[q] - 1.0)
             worst[f"{dist}/{q}"] = float(np.nanmax(rel))
+            rel_w = np.abs(med / wrong[q] - 1.0)
+            worst_control[f"{dist}/{q}"] = float(np.nanmax(rel_w))
+            okw = ~np.isnan(wrong[q])
+            control_outside += int(((wrong[q] < mc[f"lo_{q}"]) | (wrong[q] > mc[f"hi_{q}"]))[okw].sum())
+            control_total += int(okw.sum())
             ok = (theory[q] >= mc[f"lo_{q}"]) & (theory[q] <= mc[f"hi_{q}"])
             valid = ~np.isnan(theory[q])
             n_in_ci += int(ok[valid].sum())
@@ -158,7 +186,7 @@ def _run(config: ChainConfig, store: RunStore) -> Result:
                                                   "hessian_offdiag": cm.hessian_offdiag,
                                                   "hessian_diag": cm.hessian_diag}
         approx = np.array([chain_product_median_approx(int(L), dist, scale) for L in depths])
-        metrics[f"{dist}_approx_max_rel_error"] = float(np.max(np.abs(approx / np.array(prod_medians[1:]) - 1)))
+        metrics[f"{dist}_approx_max_rel_error"] = float(np.max(np.abs(approx / np.array(prod_medians[1:config.max_depth + 1]) - 1)))
         loss_offdiag = mc["median_loss_hessian_offdiag"]
         metrics[f"{dist}_loss_hessian_offdiag_over_y_f_offdiag_at_max_depth"] = float(
             loss_offdiag[-1] / (abs(config.y) * theory["hessian_offdiag"][-1]))
@@ -182,25 +210,45 @@ def _run(config: ChainConfig, store: RunStore) -> Result:
     metrics["table"] = rows
 
     max_err = max(worst.values())
+    max_ctl = max(worst_control.values())
+    metrics["control_max_rel_error"] = worst_control
+    metrics["control_outside_3sigma_ci"] = f"{control_outside}/{control_total}"
+    v = tolerance_claim(max_err, 0.0, abs_tol=config.tolerance)
     claims.append(Claim("medians", "chain medians of forward, gradient and Hessian entries match Thm. 6 at every "
                         f"depth 1..{config.max_depth} (within {config.tolerance:.0%})",
                         paper="Fig. 2: theory 'very precise'", measured=f"max relative error {max_err:.3g}",
-                        holds=bool(max_err <= config.tolerance)))
+                        holds=v.holds, reason=v.reason))
+    v = all_of([negative_control_claim(config.tolerance, max_ctl, margin=1.0),
+                negative_control_claim(max_err, max_ctl, margin=3.0)], ["fails the tolerance", "worse than theory"])
+    claims.append(Claim(
+        "control_wrong_depth", f"negative control: the exact theory at the wrong depth (L{off:+d}) fails the same "
+        f"test (max relative error > {config.tolerance:.0%}) and is >= 3x further from the Monte Carlo medians",
+        paper="a wrong-depth prediction must do worse (control)",
+        measured=f"max relative error {max_ctl:.3g} (right depth {max_err:.3g}); outside the 3-sigma CI at "
+                 f"{control_outside}/{control_total} (depth, quantity) points", holds=v.holds, reason=v.reason))
     dist0 = config.dists[0]
     med_last = metrics[f"{dist0}_median_forward_at_max_depth"]
     claims.append(Claim("vanish", "at the variance-preserving init (E f^2 = 1) the median |f| vanishes in depth",
                         paper="all quantities vanish under the 'optimal' init",
                         measured=f"median |f| at depth {config.max_depth} ({dist0}) = {med_last:.3g}",
-                        holds=bool(med_last < 1e-3 * abs(config.x))))
+                        **_v(negative_control_claim(med_last, 1e-3 * abs(config.x), margin=1.0))))
     up, down = moment_trade_off(2.0, 4.0, "uniform"), moment_trade_off(2.0, 1.0, "uniform")
     claims.append(Claim("trade_off", "stabilizing E f^2 makes E f^4 explode and E|f| vanish (no two moments at once)",
                         paper="Prop. 3: E|f| = (sqrt3/2)^L, E f^4 = (9/5)^L",
                         measured=f"per-layer factors E|f|: {down:.4f}, E f^4: {up:.4f}; "
                                  f"E|f| at L=10: {chain_abs_moment(1.0, 10):.3g}",
-                        holds=bool(up > 1 and down < 1)))
+                        **_v(all_of([negative_control_claim(1.0, up, margin=1.0),
+                                     negative_control_claim(down, 1.0, margin=1.0)],
+                                    ["E f^4 factor > 1", "E|f| factor < 1"]))))
     mean_last = float(arrays[f"{dist0}_mean_f2_mc"][-1])
     claims.append(Claim("mean_atypical", "the Monte Carlo mean of f^2 misses E f^2 = 1 at large depth (fat tails)",
                         paper="mean becomes an increasingly atypical event (Thm. 6, Fig. 21)",
                         measured=f"MC mean f^2 at depth {config.max_depth} = {mean_last:.3g} vs 1",
-                        holds=bool(abs(mean_last - config.x ** 2) > 0.5 * config.x ** 2)))
+                        **_v(negative_control_claim(0.5 * config.x ** 2, abs(mean_last - config.x ** 2),
+                                                    margin=1.0))))
     return Result(claims=claims, metrics=metrics)
+
+
+def _v(verdict) -> dict:
+    """A verdict as the ``holds``/``reason`` keyword arguments of :class:`Claim`."""
+    return {"holds": verdict.holds, "reason": verdict.reason}
