@@ -117,6 +117,19 @@ def _rows(result: Mapping[str, Any], run: str, optimizer: str, step: int, arrays
     return _rows_from(result, run, optimizer, step, arrays)
 
 
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The ``torch.optim.Optimizer`` inside wrappers (Accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``: their ``.optimizer``); ValueError for anything that is not an optimizer."""
+    if optimizer is None:
+        return None
+    inner = getattr(optimizer, "optimizer", None)
+    while isinstance(inner, torch.optim.Optimizer):
+        optimizer, inner = inner, getattr(inner, "optimizer", None)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
 def _loss_problem(value: Any) -> str | None:
     if not isinstance(value, torch.Tensor):
         hint = ""
@@ -304,6 +317,11 @@ class Tracker:
         return step % self.every == 0 or step in self.at
 
     @property
+    def last_step(self) -> int | None:
+        """The step of the last :meth:`step` call (None before the first)."""
+        return self._last_step
+
+    @property
     def metrics(self):
         """All rows measured by this tracker (a tidy ``pandas.DataFrame``)."""
         import pandas as pd
@@ -324,8 +342,7 @@ class Tracker:
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"step {step} after step {self._last_step}: steps must increase (step t means 'after t "
                              "updates'; a loop restarted from a checkpoint needs a new Tracker with resume=True)")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        optimizer = unwrap_optimizer(optimizer)
         self._last_step = step
         result = self.measure(step, optimizer) if self.is_due(step) else None
         if self._needs_last_update() and self.is_due(step + 1):
@@ -360,6 +377,7 @@ class Tracker:
         if self._closed:
             raise ValueError("the tracker is closed")
         step = self._check_step(step)
+        optimizer = unwrap_optimizer(optimizer)
         if self._resume_pending:
             self._drop_from(step)
         label = self.optimizer_name or (type(optimizer).__name__ if optimizer is not None else "")
