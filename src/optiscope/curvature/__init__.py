@@ -13,10 +13,10 @@ from optiscope.curvature.hessian import (
     DiagonalResult,
     EigenResult,
     Hessian,
-    TraceResult,
 )
+from optiscope.curvature.trace import TRACE_METHODS, TraceResult, trace_estimate
 
 __all__ = [
     "Hessian", "DiagonalResult", "DiagonalBlockResult", "DiagonalEstimate", "EigenResult", "TraceResult",
-    "DensityResult", "BlockNormResult", "NonFiniteLossError",
+    "DensityResult", "BlockNormResult", "NonFiniteLossError", "TRACE_METHODS", "trace_estimate",
 ]

@@ -119,7 +119,7 @@ class LossFunction:
     # ---------------------------------------------------------------------------------------------
     @classmethod
     def from_model(cls, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Any,
-                   params: Iterable[str] | None = None, device: Any = None) -> "LossFunction":
+                   params: Iterable[str] | None = None, device: Any = None) -> LossFunction:
         """The pure loss of ``model`` on ``data`` (see the module docstring).
 
         ``device=None``: the model's device; every tensor of ``data`` must already be on it (ValueError otherwise).
@@ -181,7 +181,7 @@ class LossFunction:
         return out
 
     @classmethod
-    def from_function(cls, f: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor]) -> "LossFunction":
+    def from_function(cls, f: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor]) -> LossFunction:
         if not callable(f):
             raise ValueError(f"f must be callable params_dict -> scalar Tensor, got {type(f).__name__}")
         if not isinstance(params, Mapping):

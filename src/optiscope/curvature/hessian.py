@@ -1,17 +1,21 @@
-"""The Hessian of a loss as a linear operator on parameter dicts (issue 2 §2; DESIGN.md "Core contracts").
+"""The Hessian of a loss as a linear operator on parameter dicts.
 
 ``H = nabla^2 L(theta)`` with ``L(theta) = (1/N) sum_i loss_i(theta)`` the exact mean over all samples of the data
 (each batch weighted by its size), or of any scalar function of a parameter dict (:meth:`Hessian.from_function`).
 Every estimator is built on one primitive, the Hessian-vector product ``v -> H v``:
 
-* forward-over-reverse ``jvp(grad L)(theta; v)`` through :mod:`torch.func` (one forward + one backward pass carried
-  in dual numbers), with an automatic fallback to reverse-over-reverse ``vjp(grad L)(theta)(v)`` for models whose
-  ops lack forward-mode derivatives. The mode actually used is ``Hessian.hvp_mode``;
-* batches of vectors through ``vmap`` in chunks whose size is bounded by a memory budget
-  (``Hessian.chunk_size``), falling back to a loop if an op has no batching rule.
+* default: autograd double backward. The gradient graph ``g = dL/dtheta`` (``create_graph=True``) is built once
+  and kept between calls while it fits the memory budget; each HVP is one second backward pass
+  ``H v = d<g, v>/dtheta`` (PyHessian's scheme, with the graph owned by the operator: see :class:`Hessian` for
+  when it is dropped);
+* where autograd cannot differentiate the loss twice, forward-over-reverse ``jvp(grad L)(theta; v)`` through
+  :mod:`torch.func`, falling back to reverse-over-reverse ``vjp(grad L)(theta)(v)``; ``Hessian.hvp_mode``;
+* batches of vectors in chunks whose size is chosen by timing (``Hessian.chunk_size``), never above a memory bound.
 
-Every result reports ``n_hvp``, the number of Hessian-vector products (over the full data) it used, so estimators
-are comparable by cost. ``Hessian.n_hvp`` counts all of them since construction.
+Estimators that work on any operator live in their own modules (:mod:`optiscope.curvature.trace`); the methods of
+:class:`Hessian` are the front door. Every result reports ``n_hvp``, the number of Hessian-vector products (over
+the full data) it used, so estimators are comparable by cost. ``Hessian.n_hvp`` counts all of them since
+construction.
 """
 
 from __future__ import annotations
@@ -30,12 +34,24 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from optiscope.curvature._problem import LossFunction
-from optiscope.curvature.diagonal import (DiagonalBlockResult, DiagonalResult, exact_diagonal,
-                                          exact_diagonal_block, unit_columns)
+from optiscope.curvature.diagonal import (
+    DiagonalBlockResult,
+    DiagonalResult,
+    exact_diagonal,
+    exact_diagonal_block,
+    unit_columns,
+)
+from optiscope.curvature.trace import DEFAULT_TRACE_METHOD, TraceResult, trace_estimate
 
 __all__ = [
-    "Hessian", "DiagonalResult", "DiagonalBlockResult", "DiagonalEstimate", "EigenResult", "TraceResult",
-    "DensityResult", "BlockNormResult",
+    "BlockNormResult",
+    "DensityResult",
+    "DiagonalBlockResult",
+    "DiagonalEstimate",
+    "DiagonalResult",
+    "EigenResult",
+    "Hessian",
+    "TraceResult",
 ]
 
 DEFAULT_DENSE_MAX_DIM = 6000
@@ -67,14 +83,6 @@ class EigenResult:
 
 
 @dataclass
-class TraceResult:
-    value: float
-    stderr: float
-    n_hvp: int
-    method: str
-
-
-@dataclass
 class DensityResult:
     """Stochastic Lanczos quadrature. ``nodes``/``weights``: [n_probes, n_lanczos]; ``density`` on ``grid``."""
     nodes: np.ndarray
@@ -91,7 +99,7 @@ class DensityResult:
 
 @dataclass
 class BlockNormResult:
-    """Per pair of layers ``(a, b)`` the Frobenius norm ``||H_ab||_F`` (seed 002 §4, Theorem 10)."""
+    """Per pair of layers ``(a, b)`` the Frobenius norm ``||H_ab||_F`` (Orvieto et al. 2022, §4, Theorem 10)."""
     layers: list[str]
     frobenius: np.ndarray
     diagonal_total: float
@@ -192,7 +200,7 @@ class Hessian:
     @classmethod
     def from_function(cls, f: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor],
                       chunk_size: int | None = None, memory_budget_mb: float = 512.0,
-                      batch_mode: str = "double-backward", keep_graph: bool | None = None) -> "Hessian":
+                      batch_mode: str = "double-backward", keep_graph: bool | None = None) -> Hessian:
         """Hessian of an arbitrary scalar function ``f(params_dict) -> Tensor`` at ``params`` (a dict of tensors)."""
         problem = LossFunction.from_function(f, params)
         H = cls(None, None, None, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb,
@@ -249,10 +257,10 @@ class Hessian:
         self._kept = None
         self._kept_terms = None
 
-    def __enter__(self) -> "Hessian":
+    def __enter__(self) -> Hessian:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
     @property
@@ -435,7 +443,7 @@ class Hessian:
             return self._run_chunks(self._hvp_chunk, V)
 
     # ------------------------------------------------------------------------------ gradient graphs
-    def _build_graph(self, terms: list[int]) -> "_Graph":
+    def _build_graph(self, terms: list[int]) -> _Graph:
         """The gradient graph of ``sum_{b in terms} w_b L_b`` (``create_graph=True``); RuntimeError if it is cut."""
         names = self.param_names
         with self._problem.context():
@@ -494,9 +502,8 @@ class Hessian:
             for i in range(len(self._problem.terms)):
                 if i in self._kept_terms:
                     continue
-                part = self._through(self._build_graph([i]), V, batched)  # dropped after this call
-                w = self._problem.terms[i][0] if len(self._problem.terms) > 1 else 1.0
-                out = ({n: w * part[n] for n in part} if out is None else {n: out[n] + w * part[n] for n in out})
+                part = self._through(self._build_graph([i]), V, batched)  # weighted by w_i; dropped after this call
+                out = part if out is None else {n: out[n] + part[n] for n in out}
             return out
         except (RuntimeError, NotImplementedError) as e:
             self._graph_ok = False
@@ -504,7 +511,7 @@ class Hessian:
             self.graph_fallback_reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             return None
 
-    def _through(self, graph: "_Graph", V: dict[str, Tensor], batched: bool) -> dict[str, Tensor]:
+    def _through(self, graph: _Graph, V: dict[str, Tensor], batched: bool) -> dict[str, Tensor]:
         names = self.param_names
         if not batched:
             hv = torch.autograd.grad(graph.grads, graph.inputs, grad_outputs=[V[n] for n in names],
@@ -512,7 +519,7 @@ class Hessian:
             return {n: h.detach() for n, h in zip(names, hv)}
         return self._run_chunks(lambda chunk: self._second_backward(graph, chunk), V)
 
-    def _second_backward(self, graph: "_Graph", V: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _second_backward(self, graph: _Graph, V: dict[str, Tensor]) -> dict[str, Tensor]:
         names = self.param_names
         chunk = [V[n] for n in names]
         b = chunk[0].shape[0]
@@ -552,7 +559,7 @@ class Hessian:
             chooser = None
         else:
             chooser = _ChunkChooser(CHUNK_CACHE.setdefault(self._cache_key, {}), self.max_chunk_size,
-                                    self.device)
+                                    self.device, request=B)
         parts, s = [], 0
         while s < B:
             if chooser is None:
@@ -602,7 +609,8 @@ class Hessian:
         """Uniformly random flat indices (without replacement, sorted) per parameter tensor.
 
         A parameter with at most ``per_layer`` entries contributes all of them. Each parameter's sample depends only
-        on ``(seed, name)``, so selecting other layers does not change it (seed 000 §3, Eq. (1): 200 coordinates).
+        on ``(seed, name)``, so selecting other layers does not change it (Jiang et al. 2023, §3, Eq. (1): 200
+        coordinates).
         """
         per_layer = _check_int("per_layer", per_layer, 1)
         _check_int("seed", seed, 0)
@@ -689,7 +697,7 @@ class Hessian:
         mean = s1 / n_probes
         var = (s2 - n_probes * mean * mean).clamp_min(0) / (n_probes - 1)
         stderr = (var / n_probes).sqrt()
-        to = lambda x: {n: t.to(self.dtype) for n, t in self.unflatten(x).items()}  # noqa: E731
+        to = lambda x: {n: t.to(self.dtype) for n, t in self.unflatten(x).items()}
         return DiagonalEstimate(to(mean), to(stderr), n_probes, self.n_hvp - before)
 
     # ---------------------------------------------------------------------------------------------- spectrum
@@ -761,37 +769,23 @@ class Hessian:
         return EigenResult(vals, [self.unflatten(v) for v in vecs], self.n_hvp - before, conv, res, method, which,
                            hist)
 
-    def trace(self, n_probes: int = 30, method: str = "hutch++", seed: int = 0) -> TraceResult:
-        """Stochastic trace estimate using ``n_probes`` HVPs in total.
+    def trace(self, n_probes: int = 30, method: str = DEFAULT_TRACE_METHOD, seed: int = 0) -> TraceResult:
+        """Stochastic trace estimate using ``n_probes`` HVPs in total (:mod:`optiscope.curvature.trace`).
 
+        ``"adaptive"`` (default): Hutchinson or XTrace, chosen by a variance test on the first half of the
+        probes (which serve both), never worse than the better of Hutchinson and Hutch++ on flat or low-rank
+        spectra in our measurements.
         ``"hutchinson"``: ``tr H ~ mean_k z_k^T H z_k`` (Rademacher ``z``), stderr = sample std / sqrt(n_probes).
-        ``"hutch++"`` (Meyer, Musco, Musco, Woodruff 2021): ``Q = orth(H S)`` with ``S`` of ``m/3`` Rademacher columns,
-        ``tr H ~ tr(Q^T H Q) + mean_k g_k'^T H g_k'`` with ``g_k' = (I - Q Q^T) g_k`` for the remaining probes.
-        Unbiased; stderr is that of the residual Hutchinson term (the deflated part is exact given ``Q``).
+        ``"hutch++"`` (Meyer, Musco, Musco, Woodruff 2021): ``Q = orth(H S)`` with ``S`` of ``m/3`` Rademacher
+        columns, ``tr H ~ tr(Q^T H Q) + mean_k g_k'^T H g_k'`` with ``g_k' = (I - Q Q^T) g_k``.
+        ``"xtrace"`` (Epperly, Tropp, Webber 2024): ``m/2`` test vectors, each left out of the sketch once.
+        ``docs/benchmarks.md`` compares them at 30 and 99 HVPs.
         """
-        if method not in ("hutch++", "hutchinson"):
-            raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
-        n_probes = _check_int("n_probes", n_probes, 4 if method == "hutch++" else 2)
         g = _generator(seed)
         before = self.n_hvp
-        if method == "hutchinson":
-            Z = _rademacher((n_probes, self.numel), g, self.dtype, self.device)
-            q = (Z * self._matmat(Z)).sum(1).double().cpu().numpy()
-            return TraceResult(float(q.mean()), float(q.std(ddof=1) / math.sqrt(n_probes)), self.n_hvp - before,
-                               method)
-        m3 = n_probes // 3
-        n_g = n_probes - 2 * m3
-        S = _rademacher((m3, self.numel), g, self.dtype, self.device)
-        Y = self._matmat(S).double()  # rows = (H s)^T
-        Q, _ = torch.linalg.qr(Y.T)  # [n, m3]
-        Q = Q.to(self.dtype)
-        HQ = self._matmat(Q.T.contiguous()).double()  # [m3, n]
-        head = float((Q.double().T * HQ).sum())
-        G = _rademacher((n_g, self.numel), g, self.dtype, self.device).double()
-        G = G - (G @ Q.double()) @ Q.double().T
-        q = (G * self._matmat(G.to(self.dtype)).double()).sum(1).cpu().numpy()
-        stderr = float(q.std(ddof=1) / math.sqrt(n_g))
-        return TraceResult(head + float(q.mean()), stderr, self.n_hvp - before, method)
+        r = trace_estimate(self._matmat, self.numel, n_probes, method, g, self.dtype, self.device)
+        r.n_hvp = self.n_hvp - before
+        return r
 
     def density(self, n_probes: int = 10, n_lanczos: int = 80, seed: int = 0, grid_size: int = 1000,
                 sigma: float | None = None) -> DensityResult:
@@ -828,14 +822,15 @@ class Hessian:
     # ---------------------------------------------------------------------------------------------- blocks, dense
     def block_norms(self, exact: bool | None = None, n_probes: int = 20, seed: int = 0, by: str = "param",
                     max_dim: int = 3000) -> BlockNormResult:
-        """Frobenius norms ``F_ab = ||H_ab||_F`` of the Hessian blocks per pair of layers (seed 002 §4, Thm. 10).
+        """Frobenius norms ``F_ab = ||H_ab||_F`` of the Hessian blocks per pair of layers (Orvieto et al. 2022, §4,
+        Thm. 10).
 
         ``exact=True`` (default when ``numel <= max_dim``): from the dense Hessian. Otherwise
         ``F_ab^2 = E ||H_ab z_b||^2`` with Rademacher ``z_b`` supported on layer ``b``: ``n_probes`` HVPs per layer,
         each giving one sample for every ``a`` at once. Totals: ``diagonal_total = sqrt(sum_a F_aa^2)``,
         ``offdiagonal_total = sqrt(sum_{a != b} F_ab^2)``. ``gershgorin = max_a sum_b F_ab`` bounds ``|lambda|`` for
         every eigenvalue (block Gershgorin, Feingold-Varga, with ``||.||_2 <= ||.||_F``); when exact,
-        ``gershgorin_entrywise = max_i sum_j |H_ij|`` (seed 002 §4, Gershgorin corollary).
+        ``gershgorin_entrywise = max_i sum_j |H_ij|`` (Orvieto et al. 2022, §4, Gershgorin corollary).
         """
         groups = self.layers(by)
         names = list(groups)
@@ -937,12 +932,17 @@ def _shape_signature(batch: tuple[Any, Tensor]) -> tuple:
 class _ChunkChooser:
     """Chooses vectors per batched second backward by timing real chunks (no extra HVPs).
 
-    Exploration sizes ``1, 1, 2, 4, 8, ...`` up to the memory bound; the time per vector of each size is the minimum
-    over its timed chunks. After a size ``>= 8`` (or the bound) that is not faster than the best so far by 3%, the
-    best size is chosen for good. Sizes are those of the ``state`` dict shared through :data:`CHUNK_CACHE`."""
+    Exploration sizes ``1, 2, 4, 8, ...`` up to the memory bound, each timed on two chunks (the time per vector of a
+    size is the minimum of its two). After a size ``>= 8`` (or the bound) that is not faster than the best smaller
+    size by 3%, or once the next size exceeds every request seen, the best size is chosen for good; a size above 1
+    is chosen only if it is at least 10% faster per vector than single vectors (on a loaded machine one timing can
+    mislead; the loop is the safe default). The state is shared through :data:`CHUNK_CACHE`."""
 
-    def __init__(self, state: dict, bound: int, device: torch.device):
+    REPEATS = 2
+
+    def __init__(self, state: dict, bound: int, device: torch.device, request: int = 0):
         self.state = state
+        state["max_request"] = max(state.get("max_request", 0), int(request))
         state.setdefault("times", {})
         state.setdefault("counts", {})
         state.setdefault("chosen", None)
@@ -966,12 +966,15 @@ class _ChunkChooser:
             return min(chosen, self.bound, remaining), False
         counts = self.state["counts"]
         size = 1
-        while counts.get(size, 0) >= (2 if size == 1 else 1) and size < self.bound:
+        while counts.get(size, 0) >= self.REPEATS and size < self.bound:
             size = min(2 * size, self.bound)
-        if counts.get(size, 0) >= (2 if size == 1 else 1):  # explored everything up to the bound
+        if counts.get(size, 0) >= self.REPEATS:  # explored everything up to the bound
             self._decide()
             return min(self.state["chosen"], remaining), False
         if size > remaining:
+            if size > self.state.get("max_request", 0):  # no call has asked for that many vectors: stop here
+                self._decide()
+                return min(self.state["chosen"], remaining), False
             return min(self._best(), remaining), False
         return size, True
 
@@ -979,16 +982,20 @@ class _ChunkChooser:
         """Record one timed chunk and decide once the time per vector stops improving."""
         per = seconds / size
         times, counts = self.state["times"], self.state["counts"]
-        previous_best = min(times.values()) if times else math.inf
         times[size] = min(times.get(size, math.inf), per)
         counts[size] = counts.get(size, 0) + 1
-        if size >= min(8, self.bound) and per > 0.97 * previous_best:
-            self._decide()
-        elif size >= self.bound:
+        if counts[size] < self.REPEATS:
+            return
+        smaller = [t for s, t in times.items() if s < size]
+        if size >= self.bound or (size >= 8 and smaller and times[size] > 0.97 * min(smaller)):
             self._decide()
 
     def _decide(self) -> None:
-        self.state["chosen"] = self._best()
+        best = self._best()
+        times = self.state["times"]
+        if best != 1 and 1 in times and times[best] > 0.9 * times[1]:
+            best = 1
+        self.state["chosen"] = best
 
 
 def first_element_size(params: Mapping[str, Tensor]) -> int:
