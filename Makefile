@@ -10,7 +10,7 @@ DEBIAN_DATA := dataset-fashion-mnist fortunes
 STAMP := $(VENV)/.optiscope-installed
 OUT ?= runs/demo
 
-.PHONY: setup data demo test test-all bench lint clean docs papers
+.PHONY: setup data demo test test-all bench lint clean docs papers results-table
 
 setup: $(STAMP)
 
@@ -49,7 +49,9 @@ bench: setup data
 # API reference (HTML, from the docstrings) into docs/api/ (not committed; open docs/api/index.html).
 docs: setup
 	@$(PY) -c "import pdoc" 2>/dev/null || $(PIP) install -q -c constraints/torch.txt 'pdoc>=14'
-	$(PY) -m pdoc --docformat restructuredtext -o docs/api optiscope
+	$(PY) -m pdoc --docformat restructuredtext -o docs/api $$($(PY) -c "import pkgutil, optiscope; print(' '.join(\
+	  ['optiscope'] + [m.name for m in pkgutil.walk_packages(optiscope.__path__, 'optiscope.') \
+	  if not any(p.startswith('_') for p in m.name.split('.'))]))")
 	@echo "API reference: docs/api/index.html"
 
 # docs/papers.md: papers -> experiments, claims and citing functions, generated from the registry.
@@ -61,3 +63,11 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+
+# The README's results table, generated from results.json files (never typed by hand): the newest run of the highest
+# tier per experiment under RESULTS (default: runs/ and the committed copies in docs/results/data), copied into
+# docs/results/data so that the table can be regenerated from the repository alone.
+RESULTS ?= $(wildcard runs) docs/results/data
+results-table: setup
+	@mkdir -p docs/results/data
+	$(PY) -m optiscope.report.results_table $(RESULTS) --collect docs/results/data --readme README.md
