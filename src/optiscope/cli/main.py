@@ -18,7 +18,7 @@ app = typer.Typer(add_completion=True, no_args_is_help=True,
 console = Console()
 
 # Modules under optiscope.cli that add commands; each defines register(app).
-COMMAND_MODULES = ["lab_cmds", "sgd_theory", "init_check"]
+COMMAND_MODULES = ["lab_cmds", "sgd_theory", "init_check", "reproduce"]
 
 
 def _version_callback(value: bool) -> None:
