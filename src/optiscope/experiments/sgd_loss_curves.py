@@ -113,8 +113,11 @@ def run(config: LossCurvesConfig, store: RunStore) -> Result:
     T = config.steps
     steps_axis = np.arange(T + 1)
     total = len(config.datasets) * len(config.batch_sizes)
-    fig, axes = plt.subplots(len(config.datasets), len(config.batch_sizes),
-                             figsize=(5 * len(config.batch_sizes), 3.8 * len(config.datasets)), squeeze=False)
+    # per (dataset, batch size): the curves on top and, below, each prediction's ratio to the sampled mean - 1
+    # (the curves coincide on a log scale; the residual panel shows where they differ)
+    fig, axes = plt.subplots(2 * len(config.datasets), len(config.batch_sizes), sharex="col", squeeze=False,
+                             figsize=(5.2 * len(config.batch_sizes), 5.6 * len(config.datasets)), layout="constrained",
+                             gridspec_kw={"height_ratios": [3, 1.6] * len(config.datasets)})
     with progress_task("sgd_loss_curves", total) as task:
         for di, (ds, npts) in enumerate(zip(config.datasets, config.n_points)):
             prob = ntk_problem(ds, n_points=npts or None, width=config.width, seed=config.seed)
@@ -164,18 +167,27 @@ def run(config: LossCurvesConfig, store: RunStore) -> Result:
                                    se_tau0=curves[0.0], se_tau1=curves[1.0], se_best=curves[best_tau],
                                    noiseless=noiseless,
                                    nn_steps=ev, nn_mean=nn_mean if nn_mean is not None else np.array([]))
-                ax = axes[di, bi]
+                ax, rax = axes[2 * di, bi], axes[2 * di + 1, bi]
                 ax.loglog(steps_axis[1:], mean[1:], "k-", lw=2, label=f"sampled mean ({config.n_runs} runs)")
-                ax.loglog(steps_axis[1:], curves[0.0][1:], "--", label="SE tau=0")
-                ax.loglog(steps_axis[1:], curves[1.0][1:], "--", label="SE tau=1")
-                ax.loglog(steps_axis[1:], curves[best_tau][1:], ":", lw=2, label=f"SE best tau={best_tau:g}")
-                ax.loglog(steps_axis[1:], noiseless[1:], "-", color="0.6", lw=1, label="noiseless GD (control)")
+                series = [(curves[0.0], dict(ls="--", color="C0"), r"SE $\tau$=0"),
+                          (curves[1.0], dict(ls="--", color="C1"), r"SE $\tau$=1"),
+                          (curves[best_tau], dict(ls=":", lw=2, color="C2"), rf"SE best $\tau$={best_tau:g}"),
+                          (noiseless, dict(ls="-", lw=1, color="0.6"), "noiseless GD (control)")]
+                for curve, style, label in series:
+                    ax.loglog(steps_axis[1:], curve[1:], label=label, **style)
+                    rax.semilogx(steps_axis[1:], curve[1:] / mean[1:] - 1.0, **style)
                 if nn_mean is not None:
-                    ax.loglog(ev[1:], nn_mean[1:], "o", ms=3, label=f"network ({config.nn_runs} runs)")
-                ax.set_title(f"{ds} NTK, N={prob.n}, b={b}")
-                ax.set_xlabel("step")
-                ax.set_ylabel("loss")
+                    ax.loglog(ev[1:], nn_mean[1:], "o", ms=3, color="C3", label=f"network ({config.nn_runs} runs)")
+                    idx = np.searchsorted(steps_axis, ev[1:])
+                    ok = idx < len(mean)
+                    rax.semilogx(ev[1:][ok], nn_mean[1:][ok] / mean[idx[ok]] - 1.0, "o", ms=3, color="C3")
+                ax.set_title(f"{ds} NTK, $N$={prob.n}, $b$={b}", fontsize=10)
+                ax.set_ylabel("loss (half squared error, log scale)")
                 ax.legend(fontsize=7)
+                rax.axhline(0.0, color="k", lw=0.8)
+                rax.axhspan(-config.target_rel_error, config.target_rel_error, color="0.92", zorder=0)
+                rax.set_ylabel("curve / sampled mean $-$ 1", fontsize=8)
+                rax.set_xlabel("step (SGD iterations)")
                 target = config.target_rel_error
                 v = tolerance_claim(errs[best_tau], 0.0, abs_tol=target, premises=[(
                     noiseless_err > target,
