@@ -120,11 +120,14 @@ def run(cfg: AdamSweepConfig, store: RunStore) -> Result:
             f"{sweep}_test_accuracy", f"increasing {sweep} {'lowers' if sweep == 'beta2' else 'raises'} the best "
             "test accuracy", xs, lam, [summary[n]["best_test_accuracy"] for n in names], 1,
             f"Fig. {4 if sweep == 'beta2' else 5}: accuracy {'falls' if sweep == 'beta2' else 'rises'} with {sweep}"))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), layout="constrained")
     for name in cases:
         st, norm = _series(m, name, "one_norm")
         axes[0].plot(st, norm, label=name)
-    axes[0].set_xlabel("step (= epoch)"), axes[0].set_ylabel("||grad E||_{1,eps}"), axes[0].legend(fontsize=7)
+    axes[0].set_xlabel("step (full-batch, = epoch)")
+    axes[0].set_ylabel(r"$\|\nabla E\|_{1,\epsilon} = \sum_i \sqrt{(\partial_i E)^2 + \epsilon}$ (loss / parameter)")
+    axes[0].set_title("perturbed one-norm along training", fontsize=10)
+    axes[0].legend(fontsize=7)
     for ax, (sweep, key, vals) in zip(axes[1:], (("beta2", "beta2", cfg.beta2_sweep),
                                                   ("beta1", "beta1", cfg.beta1_sweep))):
         names = [n for n in cases if (summary[n]["beta1"] == cfg.beta1_fixed if sweep == "beta2"
@@ -132,9 +135,11 @@ def run(cfg: AdamSweepConfig, store: RunStore) -> Result:
         names = [n for n in names if summary[n][key] in vals]
         xs = [summary[n][key] for n in names]
         ax.plot(xs, [summary[n]["peak_one_norm"] for n in names], "o-", color="C0")
-        ax.set_xlabel(sweep), ax.set_ylabel("peak perturbed one-norm", color="C0")
+        ax.set_xlabel(rf"$\{sweep[:-1]}_{sweep[-1]}$ (the other beta fixed)")
+        ax.set_ylabel(r"peak $\|\nabla E\|_{1,\epsilon}$ (loss / parameter)", color="C0")
+        ax.set_title(rf"sweep over $\{sweep[:-1]}_{sweep[-1]}$", fontsize=10)
         ax2 = ax.twinx()
         ax2.plot(xs, [summary[n]["best_test_accuracy"] for n in names], "s--", color="C1")
-        ax2.set_ylabel("best test accuracy", color="C1")
+        ax2.set_ylabel("best test accuracy (fraction correct)", color="C1")
     store.save_figure(fig, "one_norm_sweeps")
     return Result(claims=claims, metrics={"runs": summary})
