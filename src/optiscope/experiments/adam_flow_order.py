@@ -107,12 +107,14 @@ def run(cfg: AdamFlowOrderConfig, store: RunStore) -> Result:
             slope = m["slope_first" if order == 1 else "slope_second"]
             claims.append(Claim(f"{prefix}_{'first' if order == 1 else 'second'}_order_slope", f"{what} ({label})",
                                 paper=paper, measured=round(slope, 3), holds=bool(abs(slope - target) <= tol)))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2), layout="constrained")
     for ax, (name, m) in zip(np.atleast_1d(axes), metrics.items()):
         hs = [r["h"] for r in m["rows"]]
         ax.loglog(hs, [r["err_first"] for r in m["rows"]], "o-", label=f"first order (slope {m['slope_first']:.2f})")
         ax.loglog(hs, [r["err_second"] for r in m["rows"]], "s-",
                   label=f"second order (slope {m['slope_second']:.2f})")
-        ax.set_xlabel("h"), ax.set_ylabel("max_n ||theta_n - theta~(nh)||_inf"), ax.set_title(name), ax.legend()
+        ax.set_xlabel("step size $h$ (log scale)")
+        ax.set_ylabel(r"$\max_n \|\theta_n - \tilde\theta(nh)\|_\infty$ (parameter units)")
+        ax.set_title(name), ax.legend(fontsize=8)
     store.save_figure(fig, "order_of_accuracy")
     return Result(claims=claims, metrics=metrics)
