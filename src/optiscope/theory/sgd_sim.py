@@ -1,4 +1,4 @@
-"""Simulators that check the SE theory of :mod:`optiscope.theory.sgd` (seed 004 §2, Prop. 1, Prop. 6).
+"""Simulators that check the SE theory of :mod:`optiscope.theory.sgd` (Velikanov et al. 2023, §2, Prop. 1, Prop. 6).
 
 * :func:`simulate_sampled_sgd`: mini-batch SGD with heavy-ball momentum on a linear model in output space
   (kernel matrix + initial error), many independent runs at once (each run its own lr/momentum if asked),
@@ -7,7 +7,7 @@
 
       g = (1/b) K[:, B] e[B],   p <- beta p + g,   e <- e - alpha p,   L = (1/2N) ||e||^2
 
-* :func:`exact_second_moments`: the exact noise-averaged dynamics of the same process (seed 004 Prop. 1,
+* :func:`exact_second_moments`: the exact noise-averaged dynamics of the same process (Velikanov et al. 2023, Prop. 1,
   Eqs. 4-5, output-space Prop. 6) with the true (non-spectral) noise term, O(N^3) per step, for small N.
 
 Both are torch on CPU; randomness only through an explicit ``torch.Generator`` seeded by the caller.
@@ -81,7 +81,7 @@ def simulate_sampled_sgd(kernel: Any, initial_error: Any, lr: Any, momentum: Any
                          n_runs: int = 100, seed: int = 0, record_every: int = 1,
                          dtype: torch.dtype = torch.float64, divergence_threshold: float = 1e12,
                          chunk_runs: int | None = None) -> SampledRuns:
-    """Average-able sampled runs of output-space mini-batch SGD with momentum (seed 004 Eq. 1-2, App. F setup).
+    """Average-able sampled runs of output-space mini-batch SGD with momentum (Velikanov et al. 2023, Eq. 1-2, App. F setup).
 
     ``kernel`` K (N x N) and ``initial_error`` e_0 = f_0 - y (N,); ``lr``/``momentum`` scalars or one value per
     run. Each step every run draws its own batch of ``batch_size`` distinct indices uniformly (top-b of uniform
@@ -150,7 +150,7 @@ def _simulate(kernel, initial_error, lr, momentum, batch_size, steps, n_runs, se
 def exact_second_moments(kernel: Any, initial_error: Any, lr: float, momentum: float, batch_size: int, steps: int,
                          dataset_size: int | None = None, dtype: torch.dtype = torch.float64,
                          divergence_threshold: float = 1e12) -> tuple[np.ndarray, int | None]:
-    """Exact mean loss of sampled SGD with momentum from the second-moment recursion (seed 004 Prop. 1, Eqs. 4-5,
+    """Exact mean loss of sampled SGD with momentum from the second-moment recursion (Velikanov et al. 2023, Prop. 1, Eqs. 4-5,
     output space as in Prop. 6), ``H = K/N``, ``C = E[e e^T]``, ``J = E[e v^T]``, ``P = E[v v^T]``,
     ``v = -alpha p``::
 
@@ -214,7 +214,7 @@ def _exact(kernel, initial_error, lr, momentum, batch_size, steps, dataset_size,
 
 def exact_growth_rate(kernel: Any, lr: float, momentum: float, batch_size: int, steps: int = 2000,
                       dataset_size: int | None = None) -> float:
-    """Asymptotic log growth rate per step of the exact second moments (seed 004 Prop. 1): ``log rho`` of the linear
+    """Asymptotic log growth rate per step of the exact second moments (Velikanov et al. 2023, Prop. 1): ``log rho`` of the linear
     map ``(C, J, P) -> (C', J', P')`` of :func:`exact_second_moments`, by power iteration from ``C = I``,
     ``J = P = 0`` (every mode excited), renormalised each step; the mean log norm ratio over the last half of
     ``steps`` steps. Sampled SGD diverges in mean square iff the rate is > 0 (up to the power iteration's
