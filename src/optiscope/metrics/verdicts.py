@@ -1,4 +1,4 @@
-"""The one three-valued verdict rule used by every experiment (DESIGN.md "Experiment").
+"""The one three-valued verdict rule used by every experiment (docs/architecture.md).
 
 Each function judges one kind of claim and returns a :class:`Verdict` ``(holds, reason)``:
 
