@@ -7,10 +7,12 @@ PIP := $(VENV)/bin/pip
 # The CPU build on this machine; CUDA users override, e.g. TORCH_SPEC='torch==2.13.0 --index-url ...'
 TORCH_SPEC ?= torch==2.13.0
 DEBIAN_DATA := dataset-fashion-mnist fortunes
+# headless Chromium and its WebDriver for tests/test_report_browser.py (the HTML report checked in a real browser)
+DEBIAN_BROWSER := chromium chromium-driver
 STAMP := $(VENV)/.optiscope-installed
 OUT ?= runs/demo
 
-.PHONY: setup data demo test test-all bench lint clean docs papers results-table
+.PHONY: setup data browser demo test test-all bench lint clean docs papers results-table
 
 setup: $(STAMP)
 
@@ -33,13 +35,24 @@ data:
 	  else echo "warning: Debian packages missing:$$missing (run as root or: sudo apt-get install -y$$missing)"; fi; \
 	fi
 
+# Debian browser packages for the report's browser test; installed when missing and we are root, like `data`.
+browser:
+	@missing=""; for p in $(DEBIAN_BROWSER); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    echo "installing Debian browser packages:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
+	  else echo "warning: Debian packages missing:$$missing (run as root or: sudo apt-get install -y$$missing)"; fi; \
+	fi
+
 demo: setup data
 	$(VENV)/bin/optiscope demo --out $(OUT)
 
-test: setup data
+test: setup data browser
 	$(PY) -m pytest
 
-test-all: setup data
+test-all: setup data browser
 	$(PY) -m pytest -m ""
 
 bench: setup data
