@@ -27,7 +27,9 @@ VERDICT_LABELS = {True: "holds", False: "does not hold", None: "untestable"}
 
 
 def _fmt(x: Any) -> str:
-    if isinstance(x, bool) or x is None:
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
         return str(x)
     if isinstance(x, float):
         return "" if math.isnan(x) else f"{x:.4g}"
@@ -168,8 +170,7 @@ def _paper_reference(key: Any) -> str | None:
         ref = paper(str(key))
     except (ImportError, ValueError):
         return None
-    url = getattr(ref, "url", "")
-    return f"{ref.short}: {ref.citation()}" + (f" <{url}>" if url else "")
+    return f"{ref.short}: {ref.citation()}"  # arXiv id as text: the report links only to its own files
 
 
 def render_markdown(store: RunStore, back_link: str | None = None) -> str:
@@ -230,8 +231,11 @@ def render_markdown(store: RunStore, back_link: str | None = None) -> str:
             text = f"unreadable: {e}"
         lines += ["## Config\n", "```yaml", text.rstrip(), "```", ""]
     timing = [(k, manifest[k]) for k in ("created", "updated", "seconds") if k in manifest]
-    if manifest.get("started"):
-        timing.insert(0, ("started (unix time)", manifest["started"]))
+    if isinstance(manifest.get("started"), (int, float)):
+        import datetime as _dt
+
+        when = _dt.datetime.fromtimestamp(float(manifest["started"]), _dt.timezone.utc)
+        timing.insert(0, ("started", when.isoformat(timespec="seconds")))
     if timing:
         lines.append("## Timings\n")
         lines += _table(["", "value"], [[k, _fmt(v)] for k, v in timing])
