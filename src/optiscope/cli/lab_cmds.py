@@ -181,11 +181,21 @@ def register(app: typer.Typer) -> None:
         _finish(RunStore.open(run_dir), quiet)
 
     @app.command("show")
-    def show_cmd(run_dir: Path = typer.Argument(..., help="run directory"),
+    def show_cmd(run_dirs: list[Path] = typer.Argument(..., help="run directory (several: side by side)"),
                  json_: bool = typer.Option(False, "--json", help="print JSON (shape in docs/cli.md)")) -> None:
-        """Latest values per run and per-layer R_med; corrupt or partial files are named, valid data shown."""
+        """Latest values per run and per-layer R_med; corrupt or partial files are named, valid data shown.
+        Several directories: one column each (status, config, final values, claims) side by side."""
         from optiscope.lab.store import RunStore
 
+        if len(run_dirs) > 1:
+            from optiscope.cli.reproduce import show_side_by_side
+
+            try:
+                show_side_by_side(run_dirs, json_)
+            except _errors() as e:
+                fail(_msg(e))
+            return
+        run_dir = run_dirs[0]
         try:
             store = RunStore.open(run_dir)
         except _errors() as e:
