@@ -259,3 +259,26 @@ def register(app: typer.Typer) -> None:
             Console(stderr=True, soft_wrap=True).print(f"[red]failed cells:[/] {', '.join(failed)}")
             raise typer.Exit(1)
 
+
+
+def show_side_by_side(run_dirs: list[Path], as_json: bool = False) -> None:
+    """``optiscope show DIR1 DIR2 ...``: several run directories in one table, one column each
+    (:func:`optiscope.report.markdown.compare_runs`); ``as_json`` prints ``{dir: {field: value}}``."""
+    from optiscope.lab.store import RunStore
+    from optiscope.report.markdown import compare_runs
+
+    stores = [RunStore.open(d) for d in run_dirs]
+    df = compare_runs(stores)
+    if as_json:
+        import json
+
+        sys.stdout.write(json.dumps({c: {k: v for k, v in df[c].items() if v != ""} for c in df.columns},
+                                    indent=1) + "\n")
+        return
+    table = Table(title="side by side")
+    table.add_column("")
+    for c in df.columns:
+        table.add_column(str(c), overflow="fold")
+    for key, row in df.iterrows():
+        table.add_row(str(key), *[str(v) for v in row])
+    console.print(table)

@@ -296,7 +296,9 @@ def compare_runs(stores: Sequence[RunStore | str | Path]) -> pd.DataFrame:
         while name in cols:
             name += "'"
         cols[name] = col
-    return pd.DataFrame({k: [c.get(r, "") for r in order] for k, c in cols.items()}, index=order)
+    short = [Path(k).name for k in cols]
+    labels = short if len(set(short)) == len(short) else list(cols)
+    return pd.DataFrame({lab: [c.get(r, "") for r in order] for lab, c in zip(labels, cols.values())}, index=order)
 
 
 def write_report(store: RunStore | str | Path) -> Path:
