@@ -15,8 +15,13 @@ import numpy as np
 from torch import Tensor
 
 __all__ = [
-    "RMedResult", "DiagonalDominance", "r_med", "diagonal_dominance", "singular_vector_uniformity",
-    "perturbed_one_norm", "effective_rank",
+    "DiagonalDominance",
+    "RMedResult",
+    "diagonal_dominance",
+    "effective_rank",
+    "perturbed_one_norm",
+    "r_med",
+    "singular_vector_uniformity",
 ]
 
 
