@@ -161,3 +161,17 @@ def test_plain_table_alignment_and_json_helpers():
 
     assert _output.jsonable({"a": np.float64("nan"), "b": (np.int64(3), float("inf")), 1: [np.arange(2)]}) == \
         {"a": None, "b": [3, None], "1": [[0, 1]]}
+
+
+def test_narrow_terminal_numeric_table_becomes_records(monkeypatch):
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "50")
+    names = ["eval_accuracy", "precond_sharpness", "one_norm", "sharpness", "eval_loss", "accuracy"]
+    table = Table("run", *names, title="runs")
+    table.add_row("sgdm", "0.861", "1846.455", "67.13", "10.42", "0.5189", "0.9062")
+    buf = io.StringIO()
+    _output.print_table(table, file=buf)
+    out = buf.getvalue()
+    for name, value in zip(names, ["0.861", "1846.455", "67.13", "10.42", "0.5189", "0.9062"]):
+        assert f"{name}: {value}" in out  # whole header and whole number on one line
+    assert "…" not in out

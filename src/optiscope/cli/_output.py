@@ -19,7 +19,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -68,6 +70,28 @@ def table_to_text(table: Table) -> str:
     return "\n".join(out) + "\n"
 
 
+def _fits(console: Console, table: Table) -> bool:
+    wide = console.options.update(width=1_000_000, max_width=1_000_000)
+    return Measurement.get(console, wide, table).maximum <= console.width
+
+
+def _has_prose(table: Table) -> bool:
+    """Whether some cell is running text (then wrapping it inside its column reads best)."""
+    return any(len(_plain(c).split()) >= 6 for col in table.columns for c in col.cells)
+
+
+def _print_records(console: Console, table: Table) -> None:
+    headers = [_plain(c.header) for c in table.columns]
+    cols = [[_plain(x) for x in c.cells] for c in table.columns]
+    if table.title:
+        console.print(Text(_plain(table.title), style="bold"))
+    for i in range(max((len(c) for c in cols), default=0)):
+        cells = [c[i] if i < len(c) else "" for c in cols]
+        console.print(Text(f"{headers[0]}: {cells[0]}", style="bold"))
+        for h, v in zip(headers[1:], cells[1:]):
+            console.print(Text(f"  {h}: {v}"))
+
+
 def print_table(table: Table, file: TextIO | None = None) -> None:
     """Print ``table`` to ``file`` (default stdout): boxed and wrapped on a terminal, plain text otherwise."""
     f = file if file is not None else sys.stdout
@@ -76,6 +100,11 @@ def print_table(table: Table, file: TextIO | None = None) -> None:
         for col in table.columns:
             col.overflow = "fold"
             col.no_wrap = False
+        if not _fits(console, table):
+            table.box = box.SIMPLE_HEAD  # no vertical rules: one character a column less
+            if not _fits(console, table) and not _has_prose(table):
+                _print_records(console, table)  # many short cells: one block per row, nothing folded or cut
+                return
         console.print(table)
     else:
         f.write(table_to_text(table))
