@@ -187,7 +187,8 @@ def run(config: LossCurvesConfig, store: RunStore) -> Result:
                 rax.axhline(0.0, color="k", lw=0.8)
                 rax.axhspan(-config.target_rel_error, config.target_rel_error, color="0.92", zorder=0)
                 rax.set_ylabel("curve / sampled mean $-$ 1", fontsize=8)
-                rax.set_xlabel("step (SGD iterations)")
+                if di == len(config.datasets) - 1:
+                    rax.set_xlabel("step (SGD iterations)")
                 target = config.target_rel_error
                 v = tolerance_claim(errs[best_tau], 0.0, abs_tol=target, premises=[(
                     noiseless_err > target,
