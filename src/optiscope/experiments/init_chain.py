@@ -133,7 +133,15 @@ def _run(config: ChainConfig, store: RunStore) -> Result:
     worst_control: dict[str, float] = {}
     control_outside = control_total = 0
     arrays: dict[str, np.ndarray] = {"depths": depths}
-    fig, axes = plt.subplots(1, len(config.dists) + 1, figsize=(5 * (len(config.dists) + 1), 4))
+    # Row 1: medians (theory lines, Monte Carlo markers). The gradient and the off-diagonal Hessian entry are the
+    # forward median one and two depths earlier (they would lie on top of it), so only the forward and diagonal
+    # curves are drawn there. Row 2: MC / theory - 1 for all four quantities, interleaved in depth so that no
+    # series hides another. Last column: the MC median of f^2 and the MC mean of f^2 / E f^2.
+    ncol = len(config.dists) + 1
+    fig, grid = plt.subplots(2, ncol, figsize=(4.6 * ncol, 6.4), sharex=True, layout="constrained",
+                             gridspec_kw={"height_ratios": [3, 2]})
+    axes, res_axes = grid[0], grid[1]
+    markers = dict(zip(QUANTITIES, ("o", "s", "^", "D")))
     rows = []
     for k, dist in enumerate(track(config.dists, "neural chain Monte Carlo")):
         scale = moment_stabilizing_scale(2.0, dist)  # E f^2 = x^2 at every depth
@@ -174,8 +182,12 @@ def _run(config: ChainConfig, store: RunStore) -> Result:
             n_total += int(valid.sum())
             arrays[f"{dist}_{q}_mc"] = med
             arrays[f"{dist}_{q}_theory"] = theory[q]
-            ax.semilogy(depths, theory[q], color=color, lw=1.5, label=f"{q} (theory)")
-            ax.semilogy(depths[::3], med[::3], "o", color=color, ms=3, label=f"{q} (MC)")
+            if q in ("forward", "hessian_diag"):
+                ax.semilogy(depths, theory[q], color=color, lw=1.5, label=f"{q} (theory)")
+                ax.semilogy(depths[::3], med[::3], markers[q], color=color, ms=3, mfc="none", label=f"{q} (MC)")
+            j = QUANTITIES.index(q)
+            res_axes[k].plot(depths[j::4], (med / theory[q] - 1.0)[j::4], markers[q], color=color, ms=3,
+                             mfc="none", label=q)
             for L in (1, 10, 50, 100):
                 if L <= config.max_depth and not np.isnan(theory[q][L - 1]):
                     rows.append({"dist": dist, "quantity": q, "depth": L, "mc": float(med[L - 1]),
@@ -195,15 +207,29 @@ def _run(config: ChainConfig, store: RunStore) -> Result:
         arrays[f"{dist}_mean_f2_mc"] = mean_f2
         metrics[f"{dist}_mc_mean_f2"] = {int(L): float(mean_f2[L - 1]) for L in (1, 10, 30, 100) if L <= config.max_depth}
         metrics[f"{dist}_median_forward_at_max_depth"] = float(theory["forward"][-1])
-        axes[-1].semilogy(depths, mean_f2, label=f"{dist}: MC mean of f^2")
-        axes[-1].semilogy(depths, mc["median_forward"] ** 2, "--", label=f"{dist}: MC median of f^2")
-        ax.set_title(f"chain, {dist} init (scale {scale:.3g}), {config.n_samples} samples")
-        ax.set_xlabel("depth L")
-        ax.legend(fontsize=6)
-    axes[-1].axhline(config.x ** 2, color="k", lw=1, label="E f^2 (theory)")
-    axes[-1].set_xlabel("depth L")
-    axes[-1].set_title("the mean is atypical")
+        style = "-" if k == 0 else "--"
+        axes[-1].semilogy(depths, mc["median_forward"] ** 2, style, color=f"C{k + 4}",
+                          label=f"{dist}: MC median of $f^2$")
+        res_axes[-1].semilogy(depths, mean_f2 / config.x ** 2, style, color=f"C{k + 4}", label=dist)
+        ax.set_title(f"{dist} init (scale {scale:.3g})", fontsize=10)
+        ax.set_ylabel("median (output units, log scale)")
+        ax.legend(fontsize=7)
+        res_axes[k].axhspan(-config.tolerance, config.tolerance, color="0.92", zorder=0,
+                            label=f"$\\pm${config.tolerance:.0%} tolerance")
+        res_axes[k].axhline(0.0, color="k", lw=0.8)
+        res_axes[k].set_ylabel("MC / theory $-$ 1")
+        res_axes[k].set_xlabel("depth $L$ (layers)")
+        res_axes[k].legend(fontsize=6, ncols=2)
+    axes[-1].axhline(config.x ** 2, color="k", lw=1, label="$E f^2$ (theory, every depth)")
+    axes[-1].set_ylabel("$f^2$ (output units$^2$, log scale)")
+    axes[-1].set_title("the mean is atypical: the median of $f^2$ falls", fontsize=10)
     axes[-1].legend(fontsize=7)
+    res_axes[-1].axhline(1.0, color="k", lw=1)
+    res_axes[-1].set_ylabel("MC mean of $f^2$ / $E f^2$")
+    res_axes[-1].set_xlabel("depth $L$ (layers)")
+    res_axes[-1].legend(fontsize=7)
+    fig.suptitle(f"neural chain at init: medians vs exact theory, {config.n_samples} Monte Carlo chains",
+                 fontsize=11)
     store.save_figure(fig, "chain_medians")
     store.write_arrays("chain", **arrays)
     metrics["max_rel_error"] = worst
