@@ -60,10 +60,18 @@ def render_run_page(markdown: str, title: str) -> str:
     return _env().get_template("run.html").render(title=title, body=markdown_to_html(markdown))
 
 
-def _claims_rows(out: Path) -> list[dict[str, Any]]:
-    from optiscope.experiments.reproduce import claim_rows
+def _claims_rows(out: Path, exps: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per claim of every experiment directory under ``out`` that has a results.json, through the
+    results table's :func:`~optiscope.report.results_table.claims_rows` (the README's table uses the same rows)."""
+    from optiscope.report.results_table import claims_rows
 
-    return claim_rows(out)
+    dirs = [out / n for n in sorted(exps) if (out / n / "results.json").is_file()]
+    rows = []
+    for r in claims_rows(dirs) if dirs else []:
+        info = exps.get(r["experiment"]) or {}
+        rows.append({**r, "paper_name": r.get("paper_ref") or info.get("paper_name") or info.get("paper") or "",
+                     "paper_text": format_value(r.get("paper")), "measured_text": r.get("ours", "")})
+    return rows
 
 
 def _verdict_class(holds: Any) -> str:
@@ -102,11 +110,9 @@ def site_context(out: str | Path) -> dict[str, Any]:
         raise ValueError(f"{out} is not a reproduction directory (no reproduce.json)")
     exps: Mapping[str, Mapping[str, Any]] = marker.get("experiments") or {}
     claims = []
-    for r in _claims_rows(out):
-        claims.append({**r, "paper_text": format_value(r.get("paper_value")),
-                       "measured_text": format_value(r.get("measured")), "verdict": verdict_label(r.get("holds")),
-                       "verdict_class": _verdict_class(r.get("holds")), "reason": r.get("reason") or "",
-                       "tier": r.get("tier") or "", "paper_name": r.get("paper_name") or ""})
+    for r in _claims_rows(out, exps):
+        claims.append({**r, "verdict": verdict_label(r.get("holds")), "verdict_class": _verdict_class(r.get("holds")),
+                       "reason": r.get("reason") or "", "tier": r.get("tier") or ""})
     counts = {"true": 0, "false": 0, "none": 0}
     for c in claims:
         counts[c["verdict_class"]] += 1
