@@ -1,7 +1,7 @@
 """Shared base of optiscope's exact optimizers: hyperparameter validation and the geometry accessors.
 
 Every optimizer in :mod:`optiscope.optim` is a :class:`torch.optim.Optimizer` whose docstring states its update rule
-and the seed section it comes from. On top of ``step`` each one exposes
+and the paper section it comes from. On top of ``step`` each one exposes
 
 * ``diagonal_preconditioner() -> list[Tensor | None]`` aligned with ``[p for g in param_groups for p in g["params"]]``:
   the current per-coordinate denominator ``P`` of an adaptive method (its update is ``lr * m / P`` with ``m`` the
