@@ -68,7 +68,7 @@ class NotTwiceDifferentiableError(ValueError):
 
 @dataclass(frozen=True)
 class AdamHyper:
-    """Adam hyperparameters in the seed's notation: h (lr), beta1 (beta), beta2 (rho), eps (Cattaneo et al. 2024, Def. 1.1)."""
+    """Adam hyperparameters in the paper's notation: h (lr), beta1 (beta), beta2 (rho), eps (Cattaneo et al. 2024, Def. 1.1)."""
 
     h: float
     beta1: float = 0.9
