@@ -125,9 +125,9 @@ class DiagonalDominance:
 def diagonal_dominance(block: Any) -> DiagonalDominance:
     """Diagonal domination of a sampled principal sub-block ``H[I, I]`` (Jiang et al. 2023, App. E, Eq. (40)).
 
-    Per coordinate ``r_i = sum_{j in I, j != i} |H_ij| / |H_ii|`` (the seed's statistic decreases during training as
+    Per coordinate ``r_i = sum_{j in I, j != i} |H_ij| / |H_ii|`` (the paper's statistic decreases during training as
     the Hessian "becomes more diagonal", which fixes this orientation; Eq. (40) itself is not recoverable, spec 2f).
-    Reported: mean and median of ``r_i`` (seed Fig. 14), and the alternatives of the spec, the mass ratio
+    Reported: mean and median of ``r_i`` (the paper's Fig. 14), and the alternatives of the spec, the mass ratio
     ``sum_{i!=j}|H_ij| / sum_i |H_ii|`` and ``||offdiag||_F / ||diag||_F``. A zero diagonal entry gives
     ``r_i = inf``. Accepts a square matrix or a result with ``.matrix`` (``Hessian.diagonal_block``).
     """
