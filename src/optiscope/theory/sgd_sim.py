@@ -2,7 +2,7 @@
 
 * :func:`simulate_sampled_sgd`: mini-batch SGD with heavy-ball momentum on a linear model in output space
   (kernel matrix + initial error), many independent runs at once (each run its own lr/momentum if asked),
-  batches drawn uniformly without replacement and fresh every step, exactly the seed's sampled "linearized"
+  batches drawn uniformly without replacement and fresh every step, exactly the paper's sampled "linearized"
   regime::
 
       g = (1/b) K[:, B] e[B],   p <- beta p + g,   e <- e - alpha p,   L = (1/2N) ||e||^2
