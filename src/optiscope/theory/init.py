@@ -1,6 +1,6 @@
 """Analytic predictions at random initialization (Orvieto et al. 2022: vanishing gradients and curvature).
 
-Three groups of results, each quantity in one function whose docstring gives the math and the seed section:
+Three groups of results, each quantity in one function whose docstring gives the math and the paper section:
 
 * **Neural chain** (width-1 deep linear net ``f = x * prod_{l=1}^L w_l``, Orvieto et al. 2022, §3): the exact law of
   ``log|prod w|`` (a Gamma sum for uniform weights, a sum of log-|normal| variables for Gaussian weights, inverted
