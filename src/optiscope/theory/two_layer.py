@@ -1,23 +1,23 @@
 """Two-layer linear networks: the theory behind R_med (Jiang et al. 2023, §5, §6, App. B, E, F).
 
 Model and data (Jiang et al. 2023, §3, Assumptions 1-3): ``f(x) = W2 W1 x`` with ``W1 in R^{m x d}`` (hidden width m),
-``W2 in R^{k x m}`` (the seed's theorem has k = 1), whitened Gaussian inputs ``E[x x^T] = Sigma`` (= I in the
+``W2 in R^{k x m}`` (the paper's theorem has k = 1), whitened Gaussian inputs ``E[x x^T] = Sigma`` (= I in the
 theorem), a linear teacher ``y = A x + noise`` and the population square loss
 
     L(W1, W2) = 1/2 E||W2 W1 x - y||^2 = 1/2 tr((W2 W1 - A) Sigma (W2 W1 - A)^T) + noise_var * k / 2.
 
 Everything here is numpy: closed forms (gradient, Hessian, Hessian diagonal), the large-batch (population)
-dynamics of SGD+M and Adam exactly as in the seed's Eq. (3), and what Theorem 1 predicts for R_med:
+dynamics of SGD+M and Adam exactly as in the paper's Eq. (3), and what Theorem 1 predicts for R_med:
 
 * App. F: the Hessian diagonal is ``d^2L/d(W1)_ij^2 = ||W2[:, i]||^2 Sigma_jj`` and
   ``d^2L/d(W2)_ci^2 = (W1 Sigma W1^T)_ii``; both are indexed by the hidden unit i only. When W1 (and W2) are
   approximately rank one with hidden-side singular vector u, both layers' R_med equal
-  ``R_u = max_i u_i^2 / median_i u_i^2`` (seed §6 (B)).
+  ``R_u = max_i u_i^2 / median_i u_i^2`` (the paper's §6 (B)).
 * Theorem 1: along SGD+M the leading hidden-side singular vector inherits the Gaussian small initialisation, so
   R_med^SGD ~ max/median of m squared Gaussians = Theta(log m) (:func:`gaussian_uniformity`), while Adam's
   sign-like early updates make |u_i| nearly uniform, so R_med^Adam = O(1) (-> 1 as the init scale -> 0).
 
-The exact rates and the time window of Theorem 1 are not recoverable from the seed text (spec "Paper 2", 2g,
+The exact rates and the time window of Theorem 1 are not recoverable from the paper (spec "Paper 2", 2g,
 [RECALL]); tests check the ordering and the Gaussian-vector prediction, never a hard-coded rate.
 """
 
@@ -248,7 +248,7 @@ def simulate(W1: np.ndarray, W2: np.ndarray, problem: TwoLayerProblem, optimizer
              bias_correction: bool = False, record_every: int = 0) -> Trajectory:
     """Large-batch (population-gradient) dynamics of Jiang et al. 2023, Eq. (3), in numpy.
 
-    SGD+M (PyTorch convention; the seed's momentum form is [UNKNOWN] in spec 2g):
+    SGD+M (PyTorch convention; the paper's momentum form is [UNKNOWN] in spec 2g):
         ``M <- momentum M + g``,  ``W <- W - lr M``.
     Adam (xi outside the root; no bias correction by default, as the theory's Eq. (3) is read):
         ``M <- b1 M + (1 - b1) g``, ``V <- b2 V + (1 - b2) g^2``, ``W <- W - lr M / (sqrt(V) + eps)``
