@@ -8,7 +8,7 @@ trained with the square loss ``(1/2N) sum_i (f(x_i) - y_i)^2`` the linearised mo
 * :func:`empirical_ntk`: any ``nn.Module`` (per-sample Jacobians with ``vmap(jacrev)``, in chunks of samples so
   that the Jacobian block stays under a memory budget; for multi-output models the trace over outputs or one
   output).
-* :class:`NTKOneHiddenLayer`: the seed's one-hidden-layer ReLU network in NTK parameterisation (authors' code
+* :class:`NTKOneHiddenLayer`: the paper's one-hidden-layer ReLU network in NTK parameterisation (authors' code
   ``NTKTwoLayerMLP``: weights N(0, 1) scaled by ``1/sqrt(fan_in)`` in the forward pass, bias N(0, 1) on the hidden
   layer, no output bias) with a closed-form empirical NTK (:meth:`NTKOneHiddenLayer.ntk`) that is O(N^2 m)
   instead of O(N^2 P); a test checks it against :func:`empirical_ntk`.
