@@ -147,7 +147,7 @@ class Spectrum:
         """Eigendecomposition of ``H_f = K / N`` (Velikanov et al. 2023, Prop. 6, Eqs. 47-56, output space): ``lambda_k`` its
         eigenvalues, ``c_k = sum_o (u_k . e_0[:, o])^2 / N`` with ``e_0 = f_0 - y`` (``f_0 = 0`` by default), so
         ``L_0 = (1/2N) ||e_0||^2 = sum_k c_k / 2``. ``normalize=True`` divides the eigenvalues by the largest (the
-        seed's code convention, lr in units of ``1/lambda_max``) and records it in ``scale``.
+        authors' code convention, lr in units of ``1/lambda_max``) and records it in ``scale``.
         """
         K = np.asarray(kernel, dtype=np.float64)
         if K.ndim != 2 or K.shape[0] != K.shape[1]:
