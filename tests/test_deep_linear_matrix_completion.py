@@ -185,3 +185,11 @@ def test_penalty_changes_training_and_claims_exist(tmp_path):
     study = res["metrics"]["penalty_study"]
     assert study["form"] == "nuclear_over_frobenius" and set(study["depths"]) == {"1", "2"}
     assert len(study["depths"]["2"]["gd"]["entries"]) == 2 * 3   # 2 lr factors x (0 + 2 weights)
+
+
+def test_safe_ratio_penalty_marks_blown_up_problems_instead_of_raising():
+    W = torch.randn(3, 5, 5, generator=_gen(4), dtype=torch.float64)
+    W[1, 0, 0] = float("inf")
+    R = mc._safe_ratio_penalty(W)
+    assert torch.isnan(R[1]) and torch.isfinite(R[[0, 2]]).all()
+    torch.testing.assert_close(R[[0, 2]], mc.ratio_penalty(W[[0, 2]]))

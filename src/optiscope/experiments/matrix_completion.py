@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -182,6 +183,25 @@ def ratio_penalty(W: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(W).sum(-1) / torch.linalg.matrix_norm(W)
 
 
+def _safe_ratio_penalty(W: torch.Tensor) -> torch.Tensor:
+    """:func:`ratio_penalty` per problem of a batch, ``NaN`` (so: diverged) where ``W`` is non-finite or its SVD
+    does not converge (a run blown up by a too large step), instead of an exception for the whole batch."""
+    ok = torch.isfinite(W).all(dim=(-2, -1))
+    eye = torch.eye(W.shape[-1], dtype=W.dtype).expand_as(W)
+    Wc = torch.where(ok[:, None, None], W, eye)
+    try:
+        R = ratio_penalty(Wc)
+    except torch.linalg.LinAlgError:
+        vals = []
+        for b in range(W.shape[0]):
+            try:
+                vals.append(ratio_penalty(Wc[b]))
+            except torch.linalg.LinAlgError:
+                vals.append(Wc[b].sum() * float("nan"))
+        R = torch.stack(vals)
+    return torch.where(ok, R, torch.full_like(R, float("nan")))
+
+
 def global_rmsprop_step(params: list[torch.Tensor], grads: list[torch.Tensor], state: dict, lr: float,
                         beta: float, eps: float) -> None:
     """The reference's ``GroupRMSprop`` step, one scalar EMA per problem (spec 4j-2 [V-CODE], ``opt.py``):
@@ -326,7 +346,7 @@ def _train_loop(params, opt, rms_state, target, m, n_obs, W_star, config, descri
         for t in range(T + 1):
             W = end_to_end(params)
             per = (((W - target) ** 2) * m).sum(dim=(1, 2)) / n_obs
-            objective = per + lam * ratio_penalty(W) if bool(penalised.any()) else per
+            objective = per + lam * _safe_ratio_penalty(W) if bool(penalised.any()) else per
             with torch.no_grad():
                 finite = torch.isfinite(objective)
                 newly_div = ~finite & ~done
@@ -677,10 +697,10 @@ def _claims(config, agg, baseline, gt_erank) -> list[Claim]:
             er = {d: agg.get((m_obs, ref_opt, d, smallest), {}).get("effective_rank") for d in deep}
             ds_ = sorted(er)
             if all(er[d] is not None for d in ds_):
-                parts = [negative_control_claim(er[d2], er[d1], margin=1.0) for d1, d2 in zip(ds_, ds_[1:])]
+                parts = [negative_control_claim(er[d2], er[d1], margin=1.0) for d1, d2 in pairwise(ds_)]
                 parts.append(negative_control_claim(er[ds_[-1]], baseline[m_obs]["effective_rank"] + 1e-6,
                                                     margin=1.0))
-                v = all_of(parts, [f"erank depth {d1} > depth {d2}" for d1, d2 in zip(ds_, ds_[1:])]
+                v = all_of(parts, [f"erank depth {d1} > depth {d2}" for d1, d2 in pairwise(ds_)]
                            + ["erank nuclear-norm solution > deepest"])
             else:
                 v = check_premises([(False, "a deep run diverged")])
