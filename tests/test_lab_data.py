@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from optiscope.lab import Problem, Run, compare
+from optiscope.lab import Problem, Run, RunStore, compare
 
 torch.set_num_threads(1)
 DT = torch.float64
@@ -182,3 +182,26 @@ class DatasetOfTensors(Dataset):
 
     def __getitem__(self, i):
         return self.X[i]
+
+
+def test_hessian_names_active_dropout_and_the_lab_states_the_adam_convention(tmp_path):
+    import warnings
+
+    from optiscope import Hessian
+
+    X, y = xy()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Dropout(0.3), nn.Linear(5, 3)).to(DT)
+    with pytest.warns(UserWarning, match=r"train-mode randomness is active in the model \(1 module\(s\): 2 \(Dropout "
+                                         r"p=0.3\)\).*model.eval\(\)"):
+        Hessian(model, F.cross_entropy, (X, y))
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Hessian(model, F.cross_entropy, (X, y))  # no warning in eval mode
+    res = compare(Problem(net(), F.cross_entropy, train=(X, y)), {"adam": "adam:lr=1e-3", "sgd": "sgd:lr=0.1"},
+                  steps=2, batch_size=8, probes=["loss"], store=tmp_path / "conv")
+    runs = RunStore.open(tmp_path / "conv").read_manifest()["runs"]
+    assert any("eps inside the square root" in n for n in runs["adam"]["notes"])
+    assert "notes" not in runs["sgd"]
+    assert res["adam"].status == "finished"

@@ -358,3 +358,27 @@ def test_eval_mode_measures_the_deterministic_model():
     assert out["sharpness"] == pytest.approx(float(ev[-1]), rel=1e-9)
     model.train()
     assert json.dumps(tr.notes) == "[]"  # no dropout note when measuring in eval mode
+
+
+def test_probe_cost_is_stated_once_and_warned_when_expensive(tmp_path):
+    import time
+
+    X, y = data()
+    model = mlp()
+
+    def slow_probe(problem, state):
+        time.sleep(0.05)
+        return {"custom": float(state.step)}
+
+    tr = Tracker(model, F.cross_entropy, (X, y), probes=[slow_probe], every=2, store=tmp_path / "cost")
+    tr.step(0)
+    tr.step(1)
+    with pytest.warns(UserWarning, match=r"probes cost .* per checkpoint, .*x the training time.*raise every="):
+        out = tr.step(2)
+    assert out == {"custom": 2.0}
+    tr.step(3)
+    tr.step(4)  # stated once only
+    assert sum("probes cost" in n for n in tr.notes) == 1
+    tr.close()
+    entry = RunStore.open(tmp_path / "cost").read_manifest()["runs"]["run"]
+    assert "probes cost" in entry["probe_cost"] and entry["probe_seconds"] > entry["train_seconds"]

@@ -39,7 +39,8 @@ checkpoints a call costs a comparison (and one parameter copy on the step before
 * **Traps stated once** (as warnings and in the manifest's ``notes``): train-mode randomness (dropout) in the
   probed model (the Hessian is then one random sub-network's; ``mode="eval"`` measures the deterministic model),
   and an optimizer whose rule differs from ``torch.optim``'s namesake (optiscope's ``adam``: eps inside the square
-  root).
+  root); and, at the second checkpoint, what the probes cost against the training between calls (a warning above
+  :data:`PROBE_COST_WARN_RATIO` times, naming cheaper settings).
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ from optiscope.lab.store import METRIC_COLUMNS, RunStore
 __all__ = ["MetricsLogger", "Tracker", "flat_metrics"]
 
 MODES = ("as_is", "eval", "train")
+
+#: the tracker warns once when its probes cost more than this multiple of the training time between its calls
+PROBE_COST_WARN_RATIO = 3.0
 
 
 @runtime_checkable
@@ -220,8 +224,11 @@ class Tracker:
         self._closed = False
         self._resume_pending = bool(resume)
         self.probe_seconds = 0.0
+        self.train_seconds = 0.0  # wall time spent outside the tracker between step() calls (the user's training)
         self.n_measurements = 0
         self._t0 = time.perf_counter()
+        self._returned: float | None = None  # when the last step() returned
+        self._cost_stated = False
         from optiscope.curvature._problem import random_train_mode_modules
 
         randomness = random_train_mode_modules(model) if mode != "eval" else []
@@ -343,11 +350,33 @@ class Tracker:
             raise ValueError(f"step {step} after step {self._last_step}: steps must increase (step t means 'after t "
                              "updates'; a loop restarted from a checkpoint needs a new Tracker with resume=True)")
         optimizer = unwrap_optimizer(optimizer)
+        if self._returned is not None:
+            self.train_seconds += time.perf_counter() - self._returned
         self._last_step = step
-        result = self.measure(step, optimizer) if self.is_due(step) else None
+        result = None
+        if self.is_due(step):
+            result = self.measure(step, optimizer)
+            self._state_cost()
         if self._needs_last_update() and self.is_due(step + 1):
             self._prev = (step, {n: p.detach().clone() for n, p in self.model.named_parameters()})
+        self._returned = time.perf_counter()
         return result
+
+    def _state_cost(self) -> None:
+        """Once, at the first checkpoint after some training: what the probes cost against the training between
+        checkpoints (a warning when more than :data:`PROBE_COST_WARN_RATIO` times; recorded in the manifest)."""
+        if self._cost_stated or self.train_seconds <= 0 or self.n_measurements < 2:
+            return
+        self._cost_stated = True
+        per_ck = self.probe_seconds / self.n_measurements
+        ratio = self.probe_seconds / self.train_seconds
+        text = (f"probes cost {per_ck:.3g} s per checkpoint, {ratio:.2g}x the training time so far "
+                f"({self.train_seconds:.3g} s outside the tracker)")
+        if self.store is not None:
+            self.store.update_run(self.name, probe_cost=text)
+        if ratio > PROBE_COST_WARN_RATIO:
+            self._note(text + f"; to spend less, raise every= (now {self.every}) or use cheaper probe options "
+                       "(r_med:per_layer=50, sharpness:tol=1e-3, trace:n_probes=10)")
 
     def _needs_last_update(self) -> bool:
         return any(probe_name(p) in ("update_norm", "adam_alignment") for p in self.probes)
@@ -449,7 +478,8 @@ class Tracker:
         self._closed = True
         if self.store is not None:
             self.store.update_run(self.name, status=status, seconds=time.perf_counter() - self._t0,
-                                  probe_seconds=self.probe_seconds, n_measurements=self.n_measurements,
+                                  probe_seconds=self.probe_seconds, train_seconds=self.train_seconds,
+                                  n_measurements=self.n_measurements,
                                   last_step=self._last_step)
             self.store.set_status(status)
             try:
