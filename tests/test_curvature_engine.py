@@ -303,3 +303,37 @@ def test_xtrace_exact_when_sketch_spans_the_range():
         r = trace_estimate(lambda X: X @ A, 40, 12, method, torch.Generator().manual_seed(1), DT, "cpu")
         assert abs(r.value - 2.0) < 1e-10, (method, r)
     assert set(TRACE_METHODS) == {"adaptive", "hutchinson", "hutch++", "xtrace"}
+
+
+# ------------------------------------------------------------------------------------------------ Lanczos stop
+def test_lanczos_eigenvalue_stop_is_accurate_and_cheaper_than_the_residual_stop():
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    lam = torch.cat([torch.tensor([10.0, 9.0, 8.5, 8.0, 7.0], dtype=DT), torch.rand(n - 5, generator=g, dtype=DT) * 5])
+    A = (U * lam) @ U.T
+    H = Hessian.from_function(lambda p: 0.5 * p["x"] @ A @ p["x"], {"x": torch.zeros(n, dtype=DT)})
+    for k in (1, 5):
+        fast = H.eigenvalues(k=k, which="LA", tol=1e-3, seed=1)
+        slow = H.eigenvalues(k=k, which="LA", tol=1e-3, seed=1, stop="residual")
+        want = torch.sort(lam, descending=True).values[:k].numpy()
+        assert np.max(np.abs(fast.values - want) / want) <= 1e-3
+        assert fast.converged and fast.n_hvp < slow.n_hvp
+        # within 1.3x of the best possible stop (first step whose Ritz values are all within 1e-3)
+        oracle = next(i + 1 for i, th in enumerate(fast.ritz_history)
+                      if len(th) == k and np.max(np.abs(th - want) / want) <= 1e-3)
+        assert fast.n_hvp <= 1.3 * oracle + 1, (k, fast.n_hvp, oracle)
+    with pytest.raises(ValueError, match="stop must be"):
+        H.eigenvalues(stop="never")
+
+
+def test_slq_moments_exact_with_three_term_recurrence():
+    A, _ = _operator("flat", n=60)
+    H = Hessian.from_function(lambda p: 0.5 * p["x"] @ A @ p["x"], {"x": torch.zeros(60, dtype=DT)})
+    d = H.density(n_probes=2, n_lanczos=20, seed=0)
+    g = torch.Generator().manual_seed(0)
+    v = (torch.randint(0, 2, (2, 60), generator=g).to(DT) * 2 - 1)
+    for j in (1, 2, 5, 11):
+        quad = np.sum(d.weights * d.nodes ** j, axis=1)
+        direct = np.array([float(x @ torch.linalg.matrix_power(A, j) @ x / 60) for x in v])
+        np.testing.assert_allclose(quad, direct, rtol=1e-8, atol=1e-10)

@@ -80,6 +80,8 @@ class EigenResult:
     method: str
     which: str
     history: list[float] = field(default_factory=list)
+    #: Lanczos only: the ``k`` wanted Ritz values after each step (the oracle stopping point can be read off it)
+    ritz_history: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -722,13 +724,19 @@ class Hessian:
 
     def eigenvalues(self, k: int = 1, which: str = "LA", tol: float = 1e-6, max_iter: int | None = None,
                     v0: Mapping[str, Tensor] | Tensor | None = None, method: str = "lanczos",
-                    preconditioner: Mapping[str, Tensor] | None = None, seed: int = 0) -> EigenResult:
+                    preconditioner: Mapping[str, Tensor] | None = None, seed: int = 0,
+                    stop: str = "eigenvalue") -> EigenResult:
         """``k`` extreme eigenpairs of ``H`` (or of ``P^{-1/2} H P^{-1/2}`` with ``preconditioner=P``).
 
         ``which``: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude.
-        ``method="lanczos"``: Lanczos with full reorthogonalisation (classical Gram-Schmidt applied twice); stops when
-        every wanted Ritz pair has residual ``||A y - theta y|| = beta_m |s_m| <= tol * |theta|``; on breakdown
-        (an invariant subspace) it continues from a fresh random vector, so repeated eigenvalues are found.
+        ``method="lanczos"``: Lanczos with full reorthogonalisation (classical Gram-Schmidt applied twice); on
+        breakdown (an invariant subspace) it continues from a fresh random vector, so repeated eigenvalues are found.
+        It stops, for ``stop="eigenvalue"`` (default), when every wanted Ritz value ``theta`` has the eigenvalue
+        error bound ``min(r, r^2 / delta) <= tol * |theta|`` (``r = ||A y - theta y|| = beta_m |s_m|``, ``delta``
+        the distance to the nearest other Ritz value: the Kato-Temple / Saad 2011 Thm. 3.8 bound ``r^2 / gap``) and
+        moved by at most ``tol * |theta|`` in the last step (a guard against an unconverged neighbour making the
+        gap look larger than it is); for ``stop="residual"`` when ``r <= tol * |theta|`` (also accurate
+        eigenvectors, more HVPs).
         ``method="power"``: power iteration with deflation as in PyHessian (``which="LM"`` only); stops when the
         Rayleigh quotient changes by less than ``tol`` relatively. ``max_iter`` bounds the HVPs per run (default
         ``min(n, 300)`` for Lanczos, 1000 for power). ``v0``: start vector (warm start), default random (``seed``).
@@ -740,6 +748,8 @@ class Hessian:
             raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}")
         if method not in ("lanczos", "power"):
             raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+        if stop not in ("eigenvalue", "residual"):
+            raise ValueError(f"stop must be 'eigenvalue' or 'residual', got {stop!r}")
         if not (isinstance(tol, (int, float)) and tol > 0):
             raise ValueError(f"tol must be > 0, got {tol!r}")
         if max_iter is not None:
@@ -760,14 +770,15 @@ class Hessian:
             if which != "LM":
                 raise ValueError("method='power' finds largest-magnitude eigenvalues only; use which='LM'")
             vals, vecs, res, conv, hist = _power(A, start, k, tol, max_iter or 1000, g)
+            ritz = []
         else:
-            vals, vecs, res, conv, hist = _lanczos(A, start, self.numel, k, which, tol,
-                                                   max_iter or min(self.numel, 300), g)
+            vals, vecs, res, conv, hist, ritz = _lanczos(A, start, self.numel, k, which, tol,
+                                                         max_iter or min(self.numel, 300), g, stop)
         if not conv:
             warnings.warn(f"eigenvalues: {method} did not converge to tol={tol} within max_iter "
                           f"(residuals {np.array2string(res, precision=2)})", RuntimeWarning, stacklevel=2)
         return EigenResult(vals, [self.unflatten(v) for v in vecs], self.n_hvp - before, conv, res, method, which,
-                           hist)
+                           hist, ritz)
 
     def trace(self, n_probes: int = 30, method: str = DEFAULT_TRACE_METHOD, seed: int = 0) -> TraceResult:
         """Stochastic trace estimate using ``n_probes`` HVPs in total (:mod:`optiscope.curvature.trace`).
@@ -1013,23 +1024,38 @@ def _orth(w: Tensor, Q: list[Tensor]) -> Tensor:
     return w
 
 
+def _reorthogonalise(W: Tensor, B: Tensor) -> Tensor:
+    """``W [P, n]`` orthogonalised against the rows of ``B [P, j, n]`` (one classical Gram-Schmidt pass, a second
+    only where the first removed more than ``1 - 1/sqrt 2`` of the norm: the Daniel-Gragg-Kaufman-Stewart test)."""
+    before = W.norm(dim=1)
+    W = W - torch.bmm(B.transpose(1, 2), torch.bmm(B, W.unsqueeze(2))).squeeze(2)
+    if bool((W.norm(dim=1) < 0.7071 * before).any()):
+        W = W - torch.bmm(B.transpose(1, 2), torch.bmm(B, W.unsqueeze(2))).squeeze(2)
+    return W
+
+
 def _batched_lanczos_quadrature(AT: Callable[[Tensor], Tensor], V: Tensor, m: int, g: torch.Generator):
-    """Independent Lanczos runs (full reorthogonalisation) from each row of ``V``, advanced together so that each
-    step is one batched HVP call. Returns Gauss quadrature nodes and weights, each ``[P, m]``."""
+    """Independent Lanczos runs from each row of ``V``, advanced together so that each step is one batched HVP
+    call: the three-term recurrence ``w = A q_j - alpha_j q_j - beta_{j-1} q_{j-1}``, then full
+    reorthogonalisation against all earlier ``q`` (:func:`_reorthogonalise`). Returns Gauss quadrature nodes and
+    weights, each ``[P, m]``."""
     P, n = V.shape
     Q = torch.zeros(P, m, n, dtype=V.dtype, device=V.device)
     q = V / V.norm(dim=1, keepdim=True)
+    q_prev = torch.zeros_like(q)
+    b_prev = torch.zeros(P, 1, dtype=V.dtype, device=V.device)
     alpha = np.zeros((P, m))
     beta = np.zeros((P, max(m - 1, 0)))
     for j in range(m):
         Q[:, j] = q
         W = AT(q)
+        a = (q * W).sum(1, keepdim=True)
         alpha[:, j] = (q.double() * W.double()).sum(1).cpu().numpy()
-        B = Q[:, : j + 1]
-        for _ in range(2):
-            W = W - torch.bmm(B.transpose(1, 2), torch.bmm(B, W.unsqueeze(2))).squeeze(2)
         if j == m - 1:
             break
+        W = W - a * q - b_prev * q_prev
+        B = Q[:, : j + 1]
+        W = _reorthogonalise(W, B)
         b = W.norm(dim=1)
         scale = torch.as_tensor(np.abs(alpha[:, : j + 1]).max(1), dtype=b.dtype, device=b.device).clamp_min(1.0)
         broken = b <= 1e-10 * scale
@@ -1040,6 +1066,7 @@ def _batched_lanczos_quadrature(AT: Callable[[Tensor], Tensor], V: Tensor, m: in
             W[p] = w
             b[p] = 0.0
         beta[:, j] = b.double().cpu().numpy()
+        q_prev, b_prev = q, b.unsqueeze(1)
         q = W / torch.where(broken, W.norm(dim=1), b).unsqueeze(1)
     nodes = np.zeros((P, m))
     weights = np.zeros((P, m))
@@ -1058,32 +1085,47 @@ def _select(theta: np.ndarray, which: str) -> np.ndarray:
     return np.argsort(-np.abs(theta), kind="stable")
 
 
-def _lanczos(A, start: Tensor, n: int, k: int, which: str, tol: float, max_iter: int, g: torch.Generator):
+def _lanczos(A, start: Tensor, n: int, k: int, which: str, tol: float, max_iter: int, g: torch.Generator,
+             stop: str = "residual"):
     max_iter = max(min(max_iter, n), k)
     q = start / start.norm()
     Q: list[Tensor] = [q]
+    basis = torch.zeros(1, max_iter + 1, n, dtype=start.dtype, device=start.device)  # rows = Q, preallocated
+    basis[0, 0] = q
     alpha: list[float] = []
     beta: list[float] = []
     hist: list[float] = []
+    ritz: list[np.ndarray] = []
     converged = False
     theta = S = None
     b = 0.0
     for j in range(max_iter):
         w = A(q)
         alpha.append(float(q.double() @ w.double()))
-        w = _orth(w, Q)
+        w = w - alpha[-1] * q - (beta[-1] * Q[-2] if len(Q) >= 2 else 0.0)
+        w = _reorthogonalise(w[None], basis[:, : len(Q)])[0]
         b = float(w.norm())
         m = len(alpha)
         T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
         theta, S = np.linalg.eigh(T)
         order = _select(theta, which)
         hist.append(float(theta[order[0]]))
+        ritz.append(theta[order[:k]].copy())
         scale = max(np.abs(theta).max(), 1e-300)
         breakdown = b <= 1e-10 * scale
         if m >= k and not breakdown:  # after a breakdown the Krylov space may miss multiplicities: go on
             sel = order[:k]
             res = np.abs(b * S[-1, sel])
-            if np.all(res <= tol * np.maximum(np.abs(theta[sel]), 1e-12 * scale)) or m >= n:
+            size = tol * np.maximum(np.abs(theta[sel]), 1e-12 * scale)
+            if stop == "eigenvalue" and m > k and len(ritz) >= 2 and len(ritz[-2]) == k:
+                others = np.abs(theta[sel][:, None] - theta[None, :])
+                others[others == 0] = np.inf  # the value itself (and exact duplicates, which give no gap)
+                gap = others.min(axis=1)
+                bound = np.minimum(res, res ** 2 / gap)
+                done = np.all(bound <= size) and np.all(np.abs(ritz[-1] - ritz[-2]) <= size)
+            else:
+                done = bool(np.all(res <= size))
+            if done or m >= n:
                 converged = True
                 break
         if m >= n:
@@ -1096,13 +1138,14 @@ def _lanczos(A, start: Tensor, n: int, k: int, which: str, tol: float, max_iter:
             beta.append(b)
             q = w / b
         Q.append(q)
+        basis[0, len(Q) - 1] = q
     order = _select(theta, which)[:k]
     Qm = torch.stack(Q[: len(alpha)])
     vecs = [(torch.as_tensor(S[:, i], dtype=torch.float64).to(Qm.device).to(Qm.dtype) @ Qm) for i in order]
     res = np.abs(b * S[-1, order])
     if len(alpha) >= n:
         converged = True
-    return theta[order].copy(), vecs, res, converged, hist
+    return theta[order].copy(), vecs, res, converged, hist, ritz
 
 
 def _power(A, start: Tensor, k: int, tol: float, max_iter: int, g: torch.Generator):
