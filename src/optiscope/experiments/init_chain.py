@@ -24,7 +24,7 @@ from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.init_check import limit_threads
 from optiscope.lab.store import RunStore
-from optiscope.metrics.verdicts import negative_control_claim, tolerance_claim
+from optiscope.metrics.verdicts import direction_claim, negative_control_claim, tolerance_claim
 from optiscope.theory.init import (
     chain_abs_moment,
     chain_medians,
@@ -257,21 +257,22 @@ def _run(config: ChainConfig, store: RunStore) -> Result:
     claims.append(Claim("vanish", "at the variance-preserving init (E f^2 = 1) the median |f| vanishes in depth",
                         paper="all quantities vanish under the 'optimal' init",
                         measured=f"median |f| at depth {config.max_depth} ({dist0}) = {med_last:.3g}",
-                        **_v(negative_control_claim(med_last, 1e-3 * abs(config.x), margin=1.0))))
+                        **_v(direction_claim((med_last, med_last), null=1e-3 * abs(config.x), direction="less",
+                                             estimate=med_last))))
     up, down = moment_trade_off(2.0, 4.0, "uniform"), moment_trade_off(2.0, 1.0, "uniform")
     claims.append(Claim("trade_off", "stabilizing E f^2 makes E f^4 explode and E|f| vanish (no two moments at once)",
                         paper="Prop. 3: E|f| = (sqrt3/2)^L, E f^4 = (9/5)^L",
                         measured=f"per-layer factors E|f|: {down:.4f}, E f^4: {up:.4f}; "
                                  f"E|f| at L=10: {chain_abs_moment(1.0, 10):.3g}",
-                        **_v(all_of([negative_control_claim(1.0, up, margin=1.0),
-                                     negative_control_claim(down, 1.0, margin=1.0)],
-                                    ["E f^4 factor > 1", "E|f| factor < 1"]))))
+                        **_v(all_of([direction_claim((up, up), null=1.0, direction="greater"),
+                                     direction_claim((down, down), null=1.0, direction="less")],
+                                    ["E f^4 per-layer factor (exact)", "E|f| per-layer factor (exact)"]))))
     mean_last = float(arrays[f"{dist0}_mean_f2_mc"][-1])
     claims.append(Claim("mean_atypical", "the Monte Carlo mean of f^2 misses E f^2 = 1 at large depth (fat tails)",
                         paper="mean becomes an increasingly atypical event (Thm. 6, Fig. 21)",
                         measured=f"MC mean f^2 at depth {config.max_depth} = {mean_last:.3g} vs 1",
-                        **_v(negative_control_claim(0.5 * config.x ** 2, abs(mean_last - config.x ** 2),
-                                                    margin=1.0))))
+                        **_v(direction_claim((abs(mean_last - config.x ** 2),) * 2, null=0.5 * config.x ** 2,
+                                             direction="greater"))))
     return Result(claims=claims, metrics=metrics)
 
 
