@@ -48,11 +48,21 @@ def test_adam_flow_order_tiny(tmp_path):
 
 def test_adam_trajectory_closeness_tiny(tmp_path):
     store, res = _run("adam_trajectory_closeness", tmp_path, ["dataset=digits", "n_train=40", "width=4",
-                                                               "epochs=4"])
+                                                               "epochs=4", "eps_values=[1e-8,1e-4]",
+                                                               "bilinear_horizon=0.02"])
     d = store.read_arrays("distances")
-    assert d["first_order"][0] == 0 and d["second_order"][0] == 0 and len(d["first_order"]) == 5
+    for tag in ("eps1e-08", "eps0.0001", "bilinear"):
+        assert d[f"{tag}_1"][0] == 0 and d[f"{tag}_2"][0] == 0
+    assert len(d["eps1e-08_1"]) == 5 and len(d["bilinear_1"]) == 21
     m = res["metrics"]
-    assert m["ratio_first_over_second_end"] == pytest.approx(d["first_order"][-1] / d["second_order"][-1])
+    pe = m["per_eps"]["1e-08"]
+    assert pe["ratio_first_over_second_max"] == pytest.approx(d["eps1e-08_1"].max() / d["eps1e-08_2"].max())
+    claims = {c["id"]: c for c in res["claims"]}
+    assert {"flows_track_adam_eps1e-08", "second_order_closer_eps0.0001", "second_order_closer_bilinear"} <= set(claims)
+    assert all(c["reason"] for c in res["claims"])
+    # on the bilinear model at short horizon the second-order flow is much closer (the regime where it works)
+    assert claims["second_order_closer_bilinear"]["holds"] is True
+    assert m["bilinear"]["ratio_first_over_second_max"] > 10
 
 
 def test_adam_one_norm_sweeps_tiny(tmp_path):
