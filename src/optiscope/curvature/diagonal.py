@@ -586,10 +586,7 @@ class _Rules:
                 r = torch.nn.grad.conv2d_input(shape, Wt, S4, m.stride, m.padding, m.dilation, m.groups)
             return r.reshape(K, *a.shape)
         if kind == "batchnorm":  # eval mode only (propagate is False otherwise)
-            _, scale = _bn_hat(step)
-            wt = _mod_params(step, self.params).get("weight")
-            s = scale if wt is None else scale * wt
-            return S * s.reshape(1, 1, -1, *([1] * (a.dim() - 2)))
+            return S * self.bn_scale(step).reshape(1, 1, -1, *([1] * (a.dim() - 2)))
         if kind == "elementwise":
             d1, _ = self.derivatives(step)
             return S * d1.unsqueeze(0)
@@ -599,6 +596,12 @@ class _Rules:
             return S.reshape(K, *a.shape)
         _, pb = vjp(self._fn(step), a)
         return vmap(lambda s: pb(s)[0])(S)
+
+    def bn_scale(self, step: _Step) -> Tensor:
+        """``dz/da`` per channel of an eval-mode BatchNorm: ``weight / sqrt(running_var + eps)``."""
+        _, scale = _bn_hat(step)
+        wt = _mod_params(step, self.params).get("weight")
+        return scale if wt is None else scale * wt
 
     def derivatives(self, step: _Step) -> tuple[Tensor, Tensor]:
         """``(sigma'(a), sigma''(a))`` of an elementwise module at its traced input (reverse-over-reverse)."""
@@ -650,22 +653,30 @@ class _Unsupported(Exception):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+def _trace_batch(H, module: nn.Module, frozen: dict[str, Tensor], x: Any) -> tuple[_Trace, dict[str, Tensor]]:
+    args, kwargs = _inputs(x)
+    leaves = {**frozen, **{n: p.detach().requires_grad_(True) for n, p in H.params.items()}}
+    return _trace(module, leaves, args, kwargs), leaves
+
+
+def _plan(H) -> tuple[tuple[_Trace, dict] | None, dict[str, str], dict[str, str]]:
+    src = getattr(H._problem, "source", None)
+    if src is None or not H._problem.batches:
+        return None, {}, {n: "the Hessian is of a function, not of a model" for n in H.param_names}
+    module, _, frozen = src
+    with H._problem.context(), torch.enable_grad():
+        traced = _trace_batch(H, module, frozen, H._problem.batches[0][0])
+    tr = traced[0]
+    covered = {n: m for n, m in tr.covered.items() if n in H.params}
+    why = tr.stop or "not reached by the chain"
+    return traced, covered, {n: why for n in H.param_names if n not in covered}
+
+
 def structured_plan(H) -> tuple[dict[str, str], dict[str, str]]:
     """Which parameters the structured rule covers on the operator's data: ``(covered: name -> module,
     reasons: name -> why not)`` (traced on the first batch; every batch must give the same chain)."""
-    src = getattr(H._problem, "source", None)
-    if src is None:
-        return {}, {n: "the Hessian is of a function, not of a model" for n in H.param_names}
-    module, loss_fn, frozen = src
-    batches = H._problem.batches
-    x, y = batches[0]
-    args, kwargs = _inputs(x)
-    leaves = {**frozen, **{n: p.detach().requires_grad_(True) for n, p in H.params.items()}}
-    with H._problem.context(), torch.enable_grad():
-        tr = _trace(module, leaves, args, kwargs)
-    covered = {n: m for n, m in tr.covered.items() if n in H.params}
-    why = tr.stop or "not reached by the chain"
-    return covered, {n: why for n in H.param_names if n not in covered}
+    _, covered, why = _plan(H)
+    return covered, why
 
 
 def _inputs(x: Any) -> tuple[tuple, dict]:
@@ -677,11 +688,11 @@ def _inputs(x: Any) -> tuple[tuple, dict]:
 
 
 def _structured_batch(H, module, loss_fn, x, y, weight: float, names: set[str], acc: dict[str, Tensor],
-                      frozen: dict[str, Tensor]) -> None:
+                      frozen: dict[str, Tensor], traced: tuple[_Trace, dict] | None = None) -> None:
     """Add ``weight * diag(H_b)`` of one batch to ``acc`` for the parameters ``names`` (all covered)."""
-    args, kwargs = _inputs(x)
-    leaves = {**frozen, **{n: p.detach().requires_grad_(True) for n, p in H.params.items()}}
-    tr = _trace(module, leaves, args, kwargs)
+    if traced is None:
+        traced = _trace_batch(H, module, frozen, x)
+    tr, leaves = traced
     missing = names - set(tr.covered)
     if missing:
         raise _Unsupported(f"parameter(s) {sorted(missing)} not structured on this batch: {tr.stop}")
@@ -706,6 +717,13 @@ def _structured_batch(H, module, loss_fn, x, y, weight: float, names: set[str], 
         nxt = steps[i + 1].call.out
         return T.reshape(*T.shape[:lead], *nxt.shape)
 
+    # diag_only[i]: below the input of step i only per-sample diagonals of the curvature are needed (the steps
+    # down to the deepest one keep diagonals diagonal and the deepest one's rule reads the diagonal alone)
+    diag_only = [_diag_sufficient(steps[last]) and all(_diag_preserving(steps[k]) and
+                                                       (not steps[k].params or _diag_sufficient(steps[k]))
+                                                       for k in range(i + 1, last))
+                 for i in range(last + 1)]
+
     def push_dense(i: int, S: Tensor, w: Tensor) -> None:
         """Dense factor at the output of step i: contribute at i and below."""
         while True:
@@ -714,7 +732,12 @@ def _structured_batch(H, module, loss_fn, x, y, weight: float, names: set[str], 
             rules.contrib_dense(st, S, w)
             if i == last:
                 return
-            S = to_input_shape(i, rules.pull_dense(st, S), 1)
+            S = rules.pull_dense(st, S)
+            if diag_only[i]:  # from here on the diagonal sum_k w_k s_k^2 is all that is needed
+                d = torch.einsum("kn,knf->nf", w, (S * S).reshape(*w.shape, -1))
+                push_diag(i + 1, to_input_shape(i, d, 0))
+                return
+            S = to_input_shape(i, S, 1)
             i += 1
 
     def push_diag(i: int, d: Tensor) -> None:
@@ -732,6 +755,16 @@ def _structured_batch(H, module, loss_fn, x, y, weight: float, names: set[str], 
                 continue
             if isinstance(st.call.module, _IDENTITY + (nn.Flatten, nn.Unflatten)):
                 d = to_input_shape(i, d, 0)
+                i += 1
+                continue
+            if st.kind == "batchnorm":  # eval mode: J = diag(scale)
+                sc = rules.bn_scale(st)
+                d = to_input_shape(i, d * (sc * sc).reshape(-1, *([1] * (d.dim() - 2))), 0)
+                i += 1
+                continue
+            if diag_only[i] and st.kind == "linear" and st.call.inp.dim() == 2:
+                W = _mod_params(st, rules.params)["weight"]  # diag(W^T diag(d_n) W) = d_n @ W^2
+                d = to_input_shape(i, d @ (W * W), 0)
                 i += 1
                 continue
             flat = d.reshape(d.shape[0], -1)
@@ -765,16 +798,17 @@ def _structured_batch(H, module, loss_fn, x, y, weight: float, names: set[str], 
             push_dense(i + 1, to_input_shape(i, Sr, 1), wr)
 
 
-def _structured_diagonal(H, names: list[str]) -> dict[str, Tensor]:
+def _structured_diagonal(H, names: list[str], first: tuple[_Trace, dict] | None = None) -> dict[str, Tensor]:
     """Full diagonals of the (covered) parameters ``names`` by second-order backpropagation, exact mean over the
-    batches."""
+    batches (``first``: the trace of the first batch, if already made)."""
     module, loss_fn, frozen = H._problem.source
     batches = H._problem.batches
     acc = {n: torch.zeros(H.sizes[n], dtype=H.dtype, device=H.device) for n in names}
     total = sum(_batch_len(x) for x, _ in batches)
     with H._problem.context(), torch.enable_grad():
-        for x, y in batches:
-            _structured_batch(H, module, loss_fn, x, y, _batch_len(x) / total, set(names), acc, frozen)
+        for b, (x, y) in enumerate(batches):
+            _structured_batch(H, module, loss_fn, x, y, _batch_len(x) / total, set(names), acc, frozen,
+                              first if b == 0 else None)
     return acc
 
 
@@ -787,42 +821,87 @@ def _batch_len(x: Any) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-def _structured_worth_it(H, covered: list[str], coords: Mapping[str, Tensor]) -> bool:
-    """Cost rule of ``method="auto"``: the structured pass costs about ``K`` backward passes per source of
-    curvature over the traversed part of the chain, while restricted HVP columns cost about one second backward
-    (~2 backward passes) per requested entry. Estimated on the traced first batch."""
-    module, loss_fn, frozen = H._problem.source
-    batches = H._problem.batches
-    x, y = batches[0]
-    args, kwargs = _inputs(x)
-    leaves = {**frozen, **{n: p.detach().requires_grad_(True) for n, p in H.params.items()}}
-    with H._problem.context(), torch.enable_grad():
-        tr = _trace(module, leaves, args, kwargs)
+#: Cost of one restricted HVP column in forward-pass flops of the layers it traverses (forward, backward and the
+#: second backward through the part of the chain above and including the parameter's module; calibrated on the
+#: benchmark MLP/CNN, docs/benchmarks.md).
+HVP_COST_FACTOR = 4.0
+
+
+def _flops(step: _Step) -> float:
+    """Forward flops of one module on the traced batch (multiply-adds of Linear/Conv2d, else output size)."""
+    m, a, z = step.call.module, step.call.inp, step.call.out
+    if step.kind == "linear":
+        return float(a.numel()) * m.out_features
+    if step.kind == "conv2d":
+        return float(z.numel()) * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    return float(z.numel())
+
+
+def _diag_preserving(step: _Step) -> bool:
+    """``J`` is diagonal (up to a reshape): ``J^T diag(d) J`` stays diagonal."""
+    return (step.kind == "elementwise" or isinstance(step.call.module, _IDENTITY + (nn.Flatten, nn.Unflatten))
+            or (step.kind == "batchnorm" and step.propagate))
+
+
+def _diag_sufficient(step: _Step) -> bool:
+    """The module's parameter rule reads only the per-sample diagonal of the curvature at its output (each
+    parameter entry touches one output entry per sample): Linear, BatchNorm, LayerNorm on 2-d inputs."""
+    return step.kind in ("linear", "batchnorm", "layernorm") and step.call.inp.dim() == 2
+
+
+def _structured_cost(steps: list[_Step], j: int, n_out: int) -> float:
+    """Estimated flops of the structured pass down to step ``j``: ``n_out`` loss columns through every step, plus
+    each nonlinearity's residual, which is free down to the next module that mixes features and costs one column
+    per feature of that module's output below it (``docs``: module docstring)."""
+    f = [_flops(s) for s in steps[: j + 1]]
+    mixing = [s.kind in ("conv2d",) or (s.kind == "linear" and s.call.inp.dim() != 2) for s in steps[: j + 1]]
+    below = [0.0] * (j + 2)  # below[i] = per-column cost of pushing a factor from the output of step i to j
+    for i in range(j, -1, -1):
+        below[i] = below[i + 1] + f[i] * (2.0 if mixing[i] else 1.0)
+    cost = n_out * below[0]
+    for i in range(j):
+        st = steps[i]
+        if not ((st.kind == "elementwise" and not isinstance(st.call.module, _PIECEWISE_LINEAR))
+                or st.kind == "layernorm"):
+            continue
+        m = i + 1
+        while m <= j and _diag_preserving(steps[m]):
+            m += 1
+        if m >= j:
+            continue
+        direct = steps[m].kind == "linear" and steps[m].call.inp.dim() == 2
+        if direct and _diag_sufficient(steps[j]) and all(
+                _diag_preserving(steps[k]) and (not steps[k].params or _diag_sufficient(steps[k]))
+                for k in range(m + 1, j)):
+            cost += 2 * f[m]  # diag(W^T diag(d) W) = d @ W^2, then diagonal only
+            continue
+        feats = steps[m].call.out[0].numel()
+        cost += f[m] + feats * (below[m + 1] + (0.0 if direct else f[m]))
+    return cost
+
+
+def _choose_structured(traced: tuple[_Trace, dict], covered: list[str], coords: Mapping[str, Tensor]
+                       ) -> tuple[list[str], float, float]:
+    """Cost rule of ``method="auto"``: structure the chain down to the depth ``j`` minimising
+    ``structured(j) + sum_{requested p below j} entries(p) * HVP_COST_FACTOR * flops(above and at p)``."""
+    tr = traced[0]
     steps = tr.steps
-    idx = [i for i, s in enumerate(steps) if any(f in covered for f in s.params.values())]
-    if not idx:
-        return False
-    last = max(idx)
-    steps = steps[: last + 1]
-    N = tr.out.shape[0]
-    work = [s.call.out.numel() + s.call.inp.numel() for s in steps]  # elements touched per column per step
-    total_net = sum(work)
-    cost = 0.0
-    K = tr.out[0].numel()
-    cost += K * sum(work)
-    for i, s in enumerate(steps[:last]):
-        if s.kind == "elementwise" and not isinstance(s.call.module, _PIECEWISE_LINEAR) or s.kind == "layernorm":
-            below = steps[i + 1:]
-            # the diagonal source is free at the next parameter module; it is materialised below that
-            j = next((k for k, b in enumerate(below) if b.kind not in ("elementwise", "noparam") or
-                      isinstance(b.call.module, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool2d))), None)
-            if j is None or i + 1 + j >= last:
-                continue
-            cols = below[j].call.out[0].numel()
-            cost += cols * sum(work[i + 2 + j:])
-    n_entries = sum(int(coords[n].numel()) for n in covered)
-    hvp_cost = n_entries * 2.0 * total_net
-    return cost <= hvp_cost
+    depth_of = {f: i for i, s in enumerate(steps) for f in s.params.values()}
+    req = [n for n in covered if n in depth_of]
+    if not req:
+        return [], 0.0, 0.0
+    last = max(depth_of[n] for n in req)
+    f = [_flops(s) for s in steps[: last + 1]]
+    above = [sum(f[: i + 1]) for i in range(last + 1)]
+    n_out = tr.out[0].numel()
+    best = (math.inf, -1, 0.0, 0.0)
+    for j in [-1] + sorted({depth_of[n] for n in req}):
+        sc = _structured_cost(steps, j, n_out) if j >= 0 else 0.0
+        hc = sum(int(coords[n].numel()) * HVP_COST_FACTOR * above[depth_of[n]] for n in req if depth_of[n] > j)
+        if sc + hc < best[0]:
+            best = (sc + hc, j, sc, hc)
+    _, j, sc, hc = best
+    return [n for n in req if depth_of[n] <= j], sc, hc
 
 
 def exact_diagonal(H, coords: Mapping[str, Tensor], method: str = "auto") -> DiagonalResult:
@@ -836,23 +915,25 @@ def exact_diagonal(H, coords: Mapping[str, Tensor], method: str = "auto") -> Dia
     names = [n for n in H.param_names if n in coords]
     todo = list(names)
     if method in ("auto", "structured"):
-        covered, why = structured_plan(H)
+        traced, covered, why = _plan(H)
         sel = [n for n in names if n in covered]
         if method == "structured":
             bad = [n for n in names if n not in covered]
             if bad:
                 raise ValueError(f"method='structured' cannot handle parameter {bad[0]!r}: {why[bad[0]]}; "
                                  "use method='auto' (falls back to HVP columns there)")
-        elif sel and not _structured_worth_it(H, sel, coords):
+        elif sel:
+            chosen, _, _ = _choose_structured(traced, sel, coords)
             for n in sel:
-                reason[n] = "restricted HVP columns are cheaper for these coordinates (cost rule)"
-            sel = []
+                if n not in chosen:
+                    reason[n] = "restricted HVP columns are cheaper for these coordinates (cost rule)"
+            sel = chosen
         for n in names:
             if n not in covered:
                 reason[n] = why[n]
         if sel:
             try:
-                full = _structured_diagonal(H, sel)
+                full = _structured_diagonal(H, sel, traced)
             except _Unsupported as e:
                 if method == "structured":
                     raise ValueError(f"method='structured': {e}") from None
@@ -863,6 +944,7 @@ def exact_diagonal(H, coords: Mapping[str, Tensor], method: str = "auto") -> Dia
                     values[n] = full[n][coords[n].to(H.device)]
                     used[n] = "structured"
                 todo = [n for n in names if n not in values]
+        del traced
     if todo and method in ("auto", "layer-hvp"):
         vals, failed = _layer_hvp_diagonal(H, {n: coords[n] for n in todo})
         H.n_hvp += sum(int(coords[n].numel()) for n in vals)
