@@ -20,6 +20,9 @@ from optiscope.utils.config import Config, require
 
 @dataclass(frozen=True)
 class CNNConfig(Config):
+    """SmallCNN on a Fashion-MNIST subset; both lrs tuned over the whole horizon (``tune_steps = 0``) on grids
+    widened (at most ``max_widen`` points) until the best lies strictly inside; R_med at ``n_checkpoints``."""
+
     seed: int = 0
     n_train: int = 2048
     probe_size: int = 64
