@@ -126,13 +126,14 @@ def run(cfg: AdamSweepConfig, store: RunStore) -> Result:
         axes[0].plot(st, norm, label=name)
     axes[0].set_xlabel("step (full-batch, = epoch)")
     axes[0].set_ylabel(r"$\|\nabla E\|_{1,\epsilon} = \sum_i \sqrt{(\partial_i E)^2 + \epsilon}$ (loss / parameter)")
-    axes[0].set_title("perturbed one-norm along training", fontsize=10)
+    axes[0].set_yscale("log")  # the initial fall spans two decades; the beta pairs differ after it
+    axes[0].set_title("perturbed one-norm along training (log scale)", fontsize=10)
     axes[0].legend(fontsize=7)
     for ax, (sweep, key, vals) in zip(axes[1:], (("beta2", "beta2", cfg.beta2_sweep),
                                                   ("beta1", "beta1", cfg.beta1_sweep))):
         names = [n for n in cases if (summary[n]["beta1"] == cfg.beta1_fixed if sweep == "beta2"
                                       else summary[n]["beta2"] == cfg.beta2_fixed)]
-        names = [n for n in names if summary[n][key] in vals]
+        names = sorted((n for n in names if summary[n][key] in vals), key=lambda n: summary[n][key])
         xs = [summary[n][key] for n in names]
         ax.plot(xs, [summary[n]["peak_one_norm"] for n in names], "o-", color="C0")
         ax.set_xlabel(rf"$\{sweep[:-1]}_{sweep[-1]}$ (the other beta fixed)")
