@@ -25,6 +25,7 @@ def _check(store, min_claims):
     assert len(res["claims"]) >= min_claims
     for c in res["claims"]:
         assert c["holds"] in (True, False, None) and c["measured"] is not None
+        assert c["reason"], c["id"]   # every verdict says why
     assert list(store.figures_dir.glob("*.png"))
     return res
 

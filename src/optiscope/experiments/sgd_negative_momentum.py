@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.store import RunStore
+from optiscope.metrics.verdicts import direction_claim
 from optiscope.theory.sgd import (
     Spectrum,
     critical_learning_rate,
@@ -127,13 +129,15 @@ def run(config: NegativeMomentumConfig, store: RunStore) -> Result:
             paper="optimal beta < 0 when S > 0 (Fig. 6)",
             measured=(f"S={S:.3g}; SE best beta at fixed lr = {best_beta_fixed:g} (loss x{gain:.4f} vs beta=0); "
                       f"joint grid optimum beta={best_joint['momentum']:g}"),
-            holds=(S > 0) == (best_beta_fixed < 0)))
+            **_v(direction_claim((best_beta_fixed,) * 2, null=0.0, direction="less" if S > 0 else "greater",
+                                 estimate=best_beta_fixed))))
         claims.append(Claim(
             "noise_phase_derivative",
             "the sign of d ln L / d beta at beta=0 (SE loss at the horizon) is the sign of d ln C_noise / d beta "
             "(Eq. 28b) and of S (Eq. 30)",
             paper="sign of Eq. 30", measured=f"measured {dmeas:.4g}, predicted {dpred:.4g} (S={S:.3g})",
-            holds=np.sign(dmeas) == np.sign(dpred) == np.sign(S)))
+            **_v(all_of([direction_claim((d,) * 2, null=0.0, direction="greater" if S > 0 else "less")
+                         for d in (dmeas, dpred)], ["measured d ln L/d beta", "predicted d ln C_noise/d beta"]))))
         axes[0].plot(betas, scan / scan[list(betas).index(0.0)], "o-")
         axes[0].axvline(0, color="k", lw=0.5)
         axes[0].set_xlabel("momentum beta (lr fixed at beta=0 optimum)")
@@ -165,7 +169,9 @@ def run(config: NegativeMomentumConfig, store: RunStore) -> Result:
             f"signal-dominated (nu={nu_s:g}, kappa={ka_s:g}): positive momentum helps (Prop. 5 I: dC/dbeta < 0)",
             paper="optimal beta > 0, close to 1 (Fig. 2 a, b)",
             measured=f"predicted d ln C_sig/d beta = {dsig:.3g}; SE grid optimum beta = {best_s['momentum']:g}",
-            holds=dsig < 0 and best_s["momentum"] > 0))
+            **_v(all_of([direction_claim((dsig,) * 2, null=0.0, direction="less"),
+                         direction_claim((best_s["momentum"],) * 2, null=0.0, direction="greater")],
+                        ["predicted d ln C_signal/d beta", "SE grid-optimal beta"]))))
         axes[1].semilogy(sb, best_by_beta, "o-")
         axes[1].set_xlabel("momentum beta")
         axes[1].set_ylabel(f"best L(T={config.signal_steps}) over lr")
@@ -173,3 +179,8 @@ def run(config: NegativeMomentumConfig, store: RunStore) -> Result:
         task.advance()
     store.save_figure(fig, "negative_momentum")
     return Result(claims=claims, metrics=metrics)
+
+
+def _v(verdict) -> dict:
+    """A verdict as the ``holds``/``reason`` keyword arguments of :class:`Claim`."""
+    return {"holds": verdict.holds, "reason": verdict.reason}
