@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from optiscope.cli._common import fail
+from optiscope.cli._common import check_device, fail
 from optiscope.utils.progress import set_quiet
 
 console = Console()
@@ -67,6 +67,7 @@ def _fmt(v: float) -> str:
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``init-check`` to the typer ``app``."""
     @app.command("init-check")
     def init_check_cmd(
         model: str = typer.Option("mlp:width=32", "--model", help="zoo model spec (mlp, deep_linear, fcn, "
@@ -85,6 +86,8 @@ def register(app: typer.Typer) -> None:
                                         "norm falls below threshold x its value at the reference depth"),
         reference_depth: int | None = typer.Option(None, "--reference-depth", help="default: smallest depth"),
         out: Path | None = typer.Option(None, "--out", help="directory for records, summary and figures"),
+        device: str | None = typer.Option(None, "--device", help="cpu | auto (init statistics are measured on "
+                                          "the CPU)"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     ) -> None:
         """Gradient / Hessian statistics at init vs depth and width; flags vanishing (Orvieto et al. 2022)."""
@@ -93,6 +96,9 @@ def register(app: typer.Typer) -> None:
         from optiscope.utils.spec import parse_spec
 
         set_quiet(quiet)
+        check_device(device, cpu_only="init-check")
+        if not math.isfinite(threshold) or threshold <= 0:
+            fail(f"--threshold = {threshold} must be a finite number > 0")
         try:
             name, kw = parse_spec(model, None, "model")
             depth_list = parse_int_list(depths, "depths")
@@ -137,7 +143,13 @@ def register(app: typer.Typer) -> None:
                           f"/layer) -> {verdict}; falls below {threshold:g} x reference at depth "
                           f"{'not reached' if vdepth[w] is None else f'{vdepth[w]:.1f}'}")
         if out is not None:
+            from optiscope.lab.store import StoreError
+
             store = RunStore(out)
+            try:
+                store.acquire_lock()
+            except StoreError as e:
+                fail(str(e))
             store.write_config(cfg)
             store.write_metrics(result.to_metrics())
             store.write_text("summary.csv", summ.to_csv(index=False))
@@ -146,4 +158,5 @@ def register(app: typer.Typer) -> None:
             store.save_figure(result.plot(title=f"{spec} init={init or 'default'}"), "init_check")
             if "eig_min" in shown:
                 store.save_figure(result.plot(("eig_max", "eig_min", "trace", "hess_gershgorin")), "init_spectrum")
+            store.release_lock()
             console.print(f"written: {store.root}/ (metrics.parquet, summary.csv, vanishing.json, figures/)")

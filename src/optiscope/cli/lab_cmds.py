@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from optiscope.cli import _output
-from optiscope.cli._common import fail, warn_problems
+from optiscope.cli._common import DEVICE_HELP, check_device, fail, print_notices, warn_problems
 from optiscope.utils.progress import set_quiet
 
 console = Console(soft_wrap=True)
@@ -57,9 +57,13 @@ def show_store(store) -> None:
     except Exception:
         manifest = {}
     runs = manifest.get("runs") or {}
-    title = f"{store.root}  (status: {manifest.get('status', 'unknown')})"
+    status = store.liveness(str(manifest.get("status", "unknown")))
+    holder = manifest.get("holder") or {}
+    if status.startswith("running") and holder:
+        status += f", pid {holder.get('pid')} on {holder.get('host')}, heartbeat {manifest.get('heartbeat')}"
+    title = f"{store.root}  (status: {status})"
     try:
-        df = store.read_metrics()
+        df = store.read_metrics_tolerant()[0]  # unreadable files are named above; show the rest
     except Exception:
         df = None
     fv = final_values(df) if df is not None and not df.empty else None
@@ -71,7 +75,8 @@ def show_store(store) -> None:
         table.add_column(c, justify="right")
     names = list(dict.fromkeys(list(runs) + (list(fv.index) if fv is not None else [])))
     for name in names:
-        row = [name, str((runs.get(name) or {}).get("status", ""))]
+        run_status = str((runs.get(name) or {}).get("status", ""))
+        row = [name, store.liveness(run_status) if run_status.startswith("running") else run_status]
         if fv is not None:
             row += [_fmt(float(fv.loc[name, c])) if name in fv.index else "" for c in cols]
         table.add_row(*row)
@@ -95,6 +100,7 @@ def show_store(store) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``compare``, ``resume``, ``show``, ``plot`` and ``demo`` to the typer ``app``."""
     @app.command("compare")
     def compare_cmd(
         model: str | None = typer.Option(None, "--model", help="zoo model spec, e.g. mlp:depth=3,width=64"),
@@ -113,6 +119,11 @@ def register(app: typer.Typer) -> None:
         config: Path | None = typer.Option(None, "--config", help="YAML/TOML file of CompareConfig fields"),
         set_: list[str] = typer.Option([], "--set", help="override a config field: key=value"),
         out: Path = typer.Option(Path("runs/compare"), "--out", help="run directory"),
+        device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
+        resume: bool = typer.Option(False, "--resume", help="continue the run already in --out (same config)"),
+        force: bool = typer.Option(False, "--force", help="move a run already in --out aside (DIR.old-TIME)"),
+        keep_checkpoints: int | None = typer.Option(None, "--keep-checkpoints", min=1,
+                                                    help="keep only each run's newest N checkpoints"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
         json_: bool = typer.Option(False, "--json", help="print the finished directory as JSON (docs/cli.md)"),
     ) -> None:
@@ -122,12 +133,16 @@ def register(app: typer.Typer) -> None:
 
         set_quiet(quiet)
         _output.begin_json(json_)
+        if resume and force:
+            fail("--resume and --force exclude each other")
+        device = check_device(device)
         try:
             cfg = CompareConfig.from_file(config) if config is not None else None
             fields = {}
             for k, v in (("model", model), ("data", data), ("steps", steps), ("batch_size", batch),
                          ("probe_every", probe_every), ("seed", seed), ("lr_schedule", lr_schedule),
-                         ("full_batch", full_batch), ("accumulation_chunks", chunks), ("probe_steps", probe_steps)):
+                         ("full_batch", full_batch), ("accumulation_chunks", chunks), ("probe_steps", probe_steps),
+                         ("device", device)):
                 if v is not None:
                     fields[k] = v
             if opt:
@@ -139,10 +154,13 @@ def register(app: typer.Typer) -> None:
             cfg = CompareConfig.from_dict(fields, base=cfg) if cfg is not None else CompareConfig.from_dict(fields)
             cfg = cfg.with_overrides(set_)
             t0 = time.perf_counter()
-            res = run_compare(cfg, out)
+            from optiscope.lab.store import RunStore
+
+            target = RunStore(out)
+            res = run_compare(cfg, target, resume=resume, force=force, keep_checkpoints=keep_checkpoints)
+            print_notices(target)
         except _errors() as e:
             fail(_msg(e))
-        from optiscope.lab.store import RunStore
 
         for n, r in res.runs.items():
             console.print(f"{n}: {r.status}")
@@ -154,28 +172,37 @@ def register(app: typer.Typer) -> None:
     @app.command("resume")
     def resume_cmd(
         run_dir: Path = typer.Argument(..., help="a run directory written by compare/demo/run"),
+        keep_checkpoints: int | None = typer.Option(None, "--keep-checkpoints", min=1,
+                                                    help="keep only each run's newest N checkpoints"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ) -> None:
-        """Continue a killed run from its last checkpoint; ends with the metrics of an uninterrupted run."""
+        """Continue a killed run from its last checkpoint (on the device it was started on); ends with the metrics
+        of an uninterrupted run. Refuses a config.yaml that lacks fields or was changed, and a directory that
+        another process is writing."""
         from optiscope.lab.config import load_compare_config, run_compare
-        from optiscope.lab.store import RunStore
+        from optiscope.lab.store import RunStore, StoreError
 
         set_quiet(quiet)
         try:
             store = RunStore.open(run_dir)
             warn_problems(store)
-            manifest = store.read_manifest()
+            try:
+                manifest = store.read_manifest()
+            except StoreError:
+                manifest = {}  # named above; the config and checkpoint records stand in for it
             if manifest.get("experiment") and manifest.get("kind") != "compare":
                 from optiscope.experiments.base import get, run_experiment
 
                 spec = get(manifest["experiment"])
-                cfg = spec.config.from_dict(store.read_config())
-                console.print(f"experiment {spec.name}: re-running with the stored config into {run_dir}")
-                run_experiment(spec.name, preset=manifest.get("preset", "quick"), out=run_dir, config=cfg)
+                with store.lock():
+                    cfg = spec.config.from_dict(store.verify_config(fields=spec.config.field_names()))
+                    console.print(f"experiment {spec.name}: re-running with the stored config into {run_dir}")
+                    run_experiment(spec.name, preset=manifest.get("preset", "quick"), out=run_dir, config=cfg)
             else:
-                res = run_compare(load_compare_config(store), store, resume=True)
+                res = run_compare(load_compare_config(store), store, resume=True, keep_checkpoints=keep_checkpoints)
                 for n, r in res.runs.items():
                     console.print(f"{n}: {r.status}")
+            print_notices(store)
         except _errors() as e:
             fail(_msg(e))
         _finish(RunStore.open(run_dir), quiet)
@@ -227,6 +254,10 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
         data: str | None = typer.Option(None, "--data", help="dataset (default fashion_mnist, else digits)"),
         steps: int | None = typer.Option(None, "--steps"),
+        device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
+        force: bool = typer.Option(False, "--force", help="move another run already in --out aside"),
+        keep_checkpoints: int | None = typer.Option(None, "--keep-checkpoints", min=1,
+                                                    help="keep only each run's newest N checkpoints"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ) -> None:
         """SGD+M vs Adam from the same init on Fashion-MNIST: loss, R_med, sharpness, one-norm; figures + report."""
@@ -234,19 +265,28 @@ def register(app: typer.Typer) -> None:
         from optiscope.lab.store import RunStore
 
         set_quiet(quiet)
+        device = check_device(device)
         try:
             cfg = demo_config(data)
             if steps is not None:
                 cfg = with_fields(cfg, steps=steps)
+            if device is not None:
+                cfg = with_fields(cfg, device=device)
             store = RunStore(out)
             resume = False
-            if store.path("config.yaml").exists() and (store.read_manifest().get("runs") or {}):
-                if load_compare_config(store) != cfg:
-                    raise ValueError(f"{out} holds a different run; choose another --out")
+            if not force and store.holds_run():
+                try:
+                    same = load_compare_config(store) == cfg
+                except _errors():
+                    same = False
+                if not same:
+                    raise ValueError(f"{out} holds a different run; choose another --out or pass --force to move "
+                                     "it aside")
                 resume = True
             console.print(f"demo: {cfg.model} on {cfg.data}, {' vs '.join(cfg.optimizers)}, {cfg.steps} steps")
             t0 = time.perf_counter()
-            res = run_compare(cfg, store, resume=resume)
+            res = run_compare(cfg, store, resume=resume, force=force, keep_checkpoints=keep_checkpoints)
+            print_notices(store)
         except _errors() as e:
             fail(_msg(e))
         for n, r in res.runs.items():

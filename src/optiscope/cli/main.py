@@ -60,8 +60,12 @@ def run(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML file of config fields"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     json_: bool = typer.Option(False, "--json", help="print results.json and the paths as JSON (docs/cli.md)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N | auto"),
+    resume: bool = typer.Option(False, "--resume", help="re-run into --out holding this experiment, same config"),
+    force: bool = typer.Option(False, "--force", help="move a run already in --out aside (DIR.old-TIME)"),
 ) -> None:
     """Run one registered experiment and write results.json, figures and report.md."""
+    from optiscope.cli._common import prepare_experiment
     from optiscope.experiments.base import get, run_experiment
     from optiscope.report import write_report
 
@@ -69,9 +73,15 @@ def run(
     _output.begin_json(json_)
     try:
         get(name)
-        store = run_experiment(name, preset=preset, out=out, overrides=set_, config_file=config)
+    except KeyError as e:
+        fail(str(e.args[0]))
+    cfg, locked = prepare_experiment(name, preset, out, set_, config, device, resume, force)
+    try:
+        store = run_experiment(name, preset=preset, out=locked.root, config=cfg)
     except (KeyError, ValueError) as e:
         fail(str(e.args[0] if isinstance(e, KeyError) else e))
+    finally:
+        locked.release_lock()
     report = write_report(store)
     if json_:
         _output.emit_json(_output.run_json(store, report))

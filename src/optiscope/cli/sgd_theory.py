@@ -11,6 +11,49 @@ import numpy as np
 import typer
 
 
+def _check_npz(path_text: Any, what: str) -> Path:
+    """The path of a readable NumPy ``.npz`` archive, else SpectrumError naming the file and what is wrong (empty
+    path, missing, a directory, a ``.npy`` array, YAML/text/pickles or other bytes)."""
+    import zipfile
+
+    from optiscope.theory.sgd import SpectrumError
+
+    if path_text is None or not str(path_text).strip():
+        raise SpectrumError(f"--{what} is empty: give " + ("powerlaw:nu=..,kappa=..,n=.. or " if what == "spectrum"
+                                                           else "") + "the path of a .npz file")
+    p = Path(str(path_text))
+    if not p.exists():
+        raise SpectrumError(f"{what} file {p} does not exist")
+    if not p.is_file():
+        raise SpectrumError(f"{what} file {p} is not a file")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise SpectrumError(f"{what} file {p} is a single .npy array, not a .npz archive of named arrays")
+            for k in z.files:  # read every array: a truncated archive fails here, not later
+                z[k]
+    except SpectrumError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        why = ("its bytes are neither a zip archive nor a .npy array (text, YAML or a pickle?)"
+               if "pickle" in str(e) else f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
+        raise SpectrumError(f"{what} file {p} is not a NumPy .npz archive of numeric arrays ({why})") from None
+    return p
+
+
+def _finite(name: str, value: Any) -> float:
+    """``float(value)`` if it is a finite number, else SpectrumError naming ``name``."""
+    from optiscope.theory.sgd import SpectrumError
+
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise SpectrumError(f"{name} = {value!r} is not a number") from None
+    if isinstance(value, bool) or not math.isfinite(v):
+        raise SpectrumError(f"{name} = {value!r} is not a finite number")
+    return v
+
+
 def _load_spectrum(spectrum: str | None, kernel: Path | None, model: str | None, data: str | None,
                    points: int | None, seed: int) -> tuple[Any, dict[str, Any], int | None]:
     """-> (Spectrum, info, number of points the batch is drawn from or None)."""
@@ -27,15 +70,17 @@ def _load_spectrum(spectrum: str | None, kernel: Path | None, model: str | None,
             bad = set(kw) - allowed
             if bad or not {"nu", "kappa", "n"} <= set(kw):
                 raise SpectrumError(f"powerlaw spectrum needs nu, kappa, n (optional scale, amplitude); got {kw}")
-            sp = Spectrum.power_law(float(kw["nu"]), float(kw["kappa"]), kw["n"], float(kw.get("scale", 1.0)),
-                                    float(kw.get("amplitude", 1.0)))
-            return sp, {"source": spectrum, "nu": float(kw["nu"]), "kappa": float(kw["kappa"]),
-                        "Lambda": float(kw.get("scale", 1.0)), "K": float(kw.get("amplitude", 1.0))}, None
-        return Spectrum.from_file(spectrum), {"source": spectrum}, None
+            vals = {k: _finite(f"powerlaw {k}", kw[k]) for k in kw}
+            if not float(vals["n"]).is_integer() or vals["n"] < 1 or vals["n"] > 10**8:
+                raise SpectrumError(f"powerlaw n = {kw['n']!r} must be an integer in [1, 1e8]")
+            sp = Spectrum.power_law(vals["nu"], vals["kappa"], int(vals["n"]), vals.get("scale", 1.0),
+                                    vals.get("amplitude", 1.0))
+            return sp, {"source": spectrum, "nu": vals["nu"], "kappa": vals["kappa"],
+                        "Lambda": vals.get("scale", 1.0), "K": vals.get("amplitude", 1.0)}, None
+        return Spectrum.from_file(_check_npz(spectrum, "spectrum")), {"source": spectrum}, None
     if kernel is not None:
-        if not Path(kernel).exists():
-            raise SpectrumError(f"kernel file {kernel} does not exist")
-        with np.load(kernel) as z:
+        kernel = _check_npz(kernel, "kernel")
+        with np.load(kernel, allow_pickle=False) as z:
             missing = [k for k in ("kernel", "targets") if k not in z.files]
             if missing:
                 raise SpectrumError(f"kernel file {kernel} lacks array(s) {missing}; it has {z.files}")
@@ -60,6 +105,7 @@ def _load_spectrum(spectrum: str | None, kernel: Path | None, model: str | None,
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``sgd-theory`` to the typer ``app``."""
     @app.command("sgd-theory")
     def sgd_theory(
         spectrum: str | None = typer.Option(None, "--spectrum", help="powerlaw:nu=..,kappa=..,n=.. or a .npz with "
@@ -81,18 +127,30 @@ def register(app: typer.Typer) -> None:
         plot: Path | None = typer.Option(None, "--plot", help="write the predicted loss curve as PNG"),
         advise_: bool = typer.Option(False, "--advise", help="search (lr, momentum) for the lowest predicted loss"),
         seed: int = typer.Option(0, "--seed", help="seed of the network for --model"),
+        device: str | None = typer.Option(None, "--device", help="cpu | auto (the NTK for --model is computed on "
+                                          "the CPU)"),
         quiet: bool = typer.Option(False, "--quiet", help="print only the verdict line"),
     ) -> None:
         """Predict the noise-averaged loss of mini-batch SGD with momentum from a spectrum (Velikanov et al. 2023)."""
         from rich.console import Console
         from rich.table import Table
 
+        from optiscope.cli._common import check_device
         from optiscope.cli.main import fail
         from optiscope.theory import sgd as th
 
+        check_device(device, cpu_only="sgd-theory")
         try:
             if steps < 0:
                 raise th.SpectrumError(f"--steps must be >= 0, got {steps}")
+            if batch < 1:
+                raise th.SpectrumError(f"--batch must be >= 1, got {batch}")
+            if dataset_size is not None and dataset_size < batch:
+                raise th.SpectrumError(f"--dataset-size {dataset_size} is smaller than --batch {batch}")
+            if points is not None and points < 1:
+                raise th.SpectrumError(f"--points must be >= 1, got {points}")
+            for opt_name, v in (("--lr", lr), ("--momentum", momentum), ("--tau1", tau1), ("--tau2", tau2)):
+                _finite(opt_name, v)
             sp, info, n_points = _load_spectrum(spectrum, kernel, model, data, points, seed)
             if n_points is not None and batch > n_points:
                 raise th.SpectrumError(f"batch size {batch} is larger than the dataset ({n_points} points)")

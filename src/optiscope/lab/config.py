@@ -187,6 +187,8 @@ def run_compare(cfg: CompareConfig, store: RunStore | str | Path, resume: bool =
                 raise StoreError(f"{store.root} holds another comparison: " + "; ".join(diffs))
             _check_checkpoint_hashes(store, config_hash(data))
             if store.config_hash() is None:  # manifest lost or corrupt: re-record the verified config
+                store.notices.append(f"{store.path('manifest.json')} is missing or unreadable: recording the config "
+                                     f"hash of {store.path('config.yaml')} again (checked against the checkpoints)")
                 store.update_manifest(config_hash=config_hash(data), config=data)
         else:
             if store.holds_run():
@@ -200,8 +202,6 @@ def run_compare(cfg: CompareConfig, store: RunStore | str | Path, resume: bool =
                                      f"`optiscope resume {store.root}` (or --resume) to continue it, --force to move "
                                      "it aside, or another --out")
                 store.move_aside()
-                store.release_lock()
-                store.acquire_lock()
             store.write_config(data)
         store.update_manifest(kind="compare", seed=cfg.seed, status="running")
         problem = build_problem(cfg)

@@ -60,7 +60,6 @@ import pandas as pd
 import yaml
 
 from optiscope.utils.atomic import (
-    atomic_write,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
@@ -216,7 +215,7 @@ def _read_parquet(p: Path) -> tuple[pd.DataFrame, dict[bytes, bytes]]:
 
 def part_label(name: str) -> tuple[str, int] | None:
     """``(run, step)`` of a metrics part written for one checkpoint (label ``RUN@STEP``), else ``None``."""
-    stem = name[:-len(".parquet")] if name.endswith(".parquet") else name
+    stem = name.removesuffix(".parquet")
     label = stem.split("-", 2)[2] if stem.count("-") >= 2 else ""
     run, sep, step = label.rpartition("@")
     if not sep or not step.isdigit():
@@ -485,18 +484,25 @@ class RunStore:
 
     def move_aside(self) -> Path:
         """Rename the directory to ``NAME.old-TIMESTAMP`` (nothing deleted) and recreate it empty; return the
-        new location of the old run. Refused while another process writes it."""
-        if held_lock(self.root) is None and self.is_locked():
+        new location of the old run. Refused while another process writes it. If this process holds the lock, it
+        holds the new (empty) directory's lock afterwards, at the same nesting depth."""
+        held = held_lock(self.root)
+        if held is None and self.is_locked():
             raise RunLockedError(f"{self.root} is in use by {read_holder(self.root)}; cannot move it aside")
+        depth = held.count if held is not None else 0
         dest = self.root.with_name(f"{self.root.name}.old-{_stamp()}")
-        held = held_lock(self.root) is not None
         try:
             os.replace(self.root, dest)
         except OSError as e:
             raise StoreError(f"cannot move {self.root} aside to {dest}: {e.strerror or e}") from e
-        if held:
+        if held is not None:
             move_held_lock(self.root, dest)
+            self._stop_heartbeat()
+            for _ in range(depth):
+                release_directory_lock(dest)
         self.root.mkdir(parents=True, exist_ok=True)
+        for _ in range(depth):
+            self.acquire_lock()
         self.notices.append(f"moved the previous run in {self.root} aside to {dest}")
         return dest
 
@@ -534,8 +540,9 @@ class RunStore:
             return m
 
     def set_status(self, status: str, **fields: Any) -> dict[str, Any]:
-        """Set ``manifest["status"]``; a final status (not ``running``) also compacts the metrics parts."""
-        if not str(status).startswith("running"):
+        """Set ``manifest["status"]``; ``finished...`` also compacts the metrics parts (a failed or killed run keeps
+        them, so that resuming it re-measures at most one checkpoint)."""
+        if str(status).startswith("finished"):
             with contextlib.suppress(StoreError, OSError, ValueError):
                 self.compact_metrics()
         return self.update_manifest(status=status, **fields)
@@ -687,7 +694,8 @@ class RunStore:
         except FileNotFoundError:
             raise StoreError(f"{p} is missing") from None
         except Exception as e:
-            raise StoreError(f"{p} is corrupt or partial: {e}") from e
+            why = "not a NumPy .npz archive" if "pickle" in str(e) else str(e)
+            raise StoreError(f"{p} is corrupt or partial: {why}") from e
 
     def write_json(self, name: str, obj: Any) -> Path:
         """Write ``NAME`` as JSON (atomic)."""

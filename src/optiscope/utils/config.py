@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import typing
 from pathlib import Path
@@ -117,6 +118,7 @@ def _coerce(field: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str):
             value = parse_scalar(value)
         require(isinstance(value, (int, float)) and not isinstance(value, bool), field, value, "a number")
+        require(math.isfinite(float(value)), field, value, "a finite number (not NaN or infinity)")
         return float(value)
     if annotation is str:
         return str(value)
@@ -142,6 +144,7 @@ class Config:
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def field_names(cls) -> list[str]:
+        """The dataclass field names, in order."""
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
@@ -161,15 +164,29 @@ class Config:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml", ".json"):
-            data = yaml.safe_load(text) or {}
-        else:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a file")
+        if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
             raise ConfigError(f"config file {path}: unknown format {path.suffix!r}; use .yaml, .yml or .toml")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        try:
+            data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        except yaml.YAMLError as e:  # includes ConstructorError for tags such as !!python/object (never executed)
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        if data is None:
+            data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of field: value")
+            raise ConfigError(f"config file {path} must hold a mapping of field: value, not a {type(data).__name__}")
+        bad_keys = [k for k in data if not isinstance(k, str)]
+        if bad_keys:
+            raise ConfigError(f"config file {path}: field names must be strings, got {bad_keys}")
         return cls.from_dict(data, base=base)
 
     def with_overrides(self: C, overrides: Iterable[str]) -> C:
@@ -186,9 +203,11 @@ class Config:
         return type(self).from_dict(updates, base=self)
 
     def replace(self: C, **changes: Any) -> C:
+        """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """Field values as plain data (tuples as lists), the content of ``config.yaml``."""
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -196,4 +215,17 @@ class Config:
         return out
 
     def to_yaml(self) -> str:
+        """:meth:`to_dict` as YAML."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def reject_non_finite(kwargs: dict[str, Any], what: str) -> None:
+    """ConfigError if a spec's keyword arguments hold NaN or infinity (``mlp:gain=nan``), naming the key."""
+    def bad(v: Any) -> bool:
+        if isinstance(v, (list, tuple)):
+            return any(bad(x) for x in v)
+        return isinstance(v, float) and not math.isfinite(v)
+
+    wrong = [f"{k} = {v!r}" for k, v in kwargs.items() if bad(v)]
+    if wrong:
+        raise ConfigError(f"{what}: {', '.join(wrong)} is not a finite number")

@@ -352,6 +352,9 @@ def load_dataset(spec_or_name: str | tuple[str, dict[str, Any]], **kw: Any) -> D
     else:
         name, kwargs = parse_spec(spec_or_name, DATASETS, "dataset")
     kwargs.update(kw)
+    from optiscope.utils.config import reject_non_finite
+
+    reject_non_finite(kwargs, f"dataset {name!r}")
     if name == "random_labels" and "base" in kwargs:
         kwargs["dataset"] = kwargs.pop("base")
     try:

@@ -559,6 +559,9 @@ def build_model(spec: str | tuple[str, dict[str, Any]], dataset=None, seed: int 
             raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
     else:
         name, kw = parse_spec(spec, MODELS, "model")
+    from optiscope.utils.config import reject_non_finite
+
+    reject_non_finite(kw, f"model {name!r}")
     if isinstance(dataset, str):
         from optiscope.zoo.data import load_dataset
 
