@@ -1,4 +1,4 @@
-"""Modified flows of Adam and RMSProp (Cattaneo et al. 2024, Thm. 3.1 and §2; spec ``adam_geometry_explr.md`` 1b-1c).
+"""Modified flows of Adam and RMSProp (Cattaneo et al. 2024, Thm. 3.1 and §2).
 
 Adam's iterates theta^(n) stay O(h) close to the *first-order flow* and O(h^2) close to the *second-order modified
 flow*, both piecewise ODEs whose right-hand side changes at t = nh (Cattaneo et al. 2024, Thm. 3.1, App. E; [DER+NUM] in the spec):
