@@ -65,7 +65,7 @@ class SGD(ExactOptimizer):
 
 
 class HeavyBall(ExactOptimizer):
-    r"""Heavy-ball momentum in Velikanov et al. 2023's parameterization (eq. (1), spec ``sgd_gf_and_vanishing.md``).
+    r"""Heavy-ball momentum in Velikanov et al. 2023's parameterization (eq. (1)).
 
     With learning rate ``alpha = lr`` and momentum ``beta = momentum``::
 
