@@ -1,6 +1,6 @@
 """Weight initialisations of Orvieto et al. 2022, §2, drawn from an explicit ``torch.Generator``.
 
-Variances (Orvieto et al. 2022, §2; spec ``sgd_gf_and_vanishing.md`` "MLPs"):
+Variances (Orvieto et al. 2022, §2):
 
 * LeCun (LeCun et al. 1998):  ``sigma^2 = 1 / fan_in``
 * Xavier / Glorot (2010):     ``sigma^2 = 2 / (fan_in + fan_out)``   (linear networks)
