@@ -9,6 +9,8 @@ from torch import nn
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a ReLU between and an identity (or 1x1/stride projection) shortcut."""
+
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -21,12 +23,15 @@ class BasicBlock(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
+        """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
 class ResNet18(nn.Module):
+    """torchvision's ResNet-18 layout (module docstring); ``width`` = channels of the first stage (64)."""
+
     def __init__(self, num_classes: int = 1000, width: int = 64):
         super().__init__()
         w = [width, 2 * width, 4 * width, 8 * width]
@@ -46,6 +51,7 @@ class ResNet18(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
+        """Logits of a batch of 3-channel images."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.avgpool(x).flatten(1))

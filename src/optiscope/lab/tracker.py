@@ -102,6 +102,7 @@ class _CallableLogger:
         self.fn = fn
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Call the wrapped function."""
         self.fn(step, metrics)
 
 
