@@ -1,7 +1,7 @@
 """Correction coefficients of the modified equations of Adam and RMSProp (Cattaneo et al. 2024).
 
 Cattaneo et al. 2024 ("On the implicit bias of Adam") shows by backward error analysis that full-batch Adam with step size h
-follows, to O(h^2), the ODE (Cattaneo et al. 2024, §2, Eq. 2-3; exact piecewise form: spec ``adam_geometry_explr.md`` 1b [DER+NUM])
+follows, to O(h^2), the ODE (Cattaneo et al. 2024, §2, Eq. 2-3, in its exact piecewise form)
 
     d theta_j / dt = - (a1 / R_j) * ( g_j + kappa_j * [H P]_j ),     g = grad E(theta),  H = hess E(theta),
 
