@@ -17,6 +17,7 @@ def _run(name, tmp_path, overrides):
     assert res["experiment"] == name and res["claims"]
     for c in res["claims"]:
         assert set(c) == {"id", "claim", "paper", "measured", "holds", "reason", "tier"} and c["holds"] in (True, False, None)
+        assert c["reason"], c["id"]   # every verdict says why
     assert list((tmp_path / name / "figures").glob("*.png"))
     return store, res
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import spearmanr
 
+from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.adam_common import bilinear_problem
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.store import RunStore
+from optiscope.metrics.verdicts import direction_claim
 from optiscope.optim.flows import AdamHyper, adam_iterates
 from optiscope.theory.adam import one_norm_coefficient
 from optiscope.utils.config import Config, require
@@ -108,10 +110,16 @@ def run(cfg: AdamBilinearConfig, store: RunStore) -> Result:
         monotone = bool(np.all(np.diff(imb_sorted) < 0))
         rho = float(spearmanr(lam, imb)[0]) if len(set(imb)) > 1 else float("nan")
         finished = all(r["status"] == "finished" for r in rs)
+        # each step up in lambda_1 must lower the imbalance (exact, deterministic runs: zero-width intervals)
+        steps_ = np.diff(imb_sorted)
+        prem = [(finished, f"an Adam run did not finish: {[r['status'] for r in rs]}")]
+        v = all_of([direction_claim((float(d), float(d)), null=0.0, direction="less", premises=prem) for d in steps_],
+                   [f"imbalance change {k + 1} (lambda_1 increasing)" for k in range(len(steps_))])
         claims.append(Claim(f"ordering_{name}", paper[name], paper="qualitative (Fig. 2)",
                             measured={"imbalance_by_lambda1": [[round(l, 5), round(i, 5)] for l, i in
-                                                               sorted(zip(lam, imb))], "spearman": rho},
-                            holds=monotone and finished))
+                                                               sorted(zip(lam, imb))], "spearman": rho,
+                                      "monotone": monotone},
+                            holds=v.holds, reason=v.reason))
         metrics[f"spearman_{name}"] = rho
     # figure: trajectories over the hyperbola
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))

@@ -15,6 +15,7 @@ import torch
 from optiscope.experiments.adam_common import bilinear_problem, loglog_slope, max_abs_distance
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.store import RunStore
+from optiscope.metrics.verdicts import tolerance_claim
 from optiscope.optim.flows import AdamHyper, adam_iterates, integrate_flow, model_loss
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
@@ -106,7 +107,8 @@ def run(cfg: AdamFlowOrderConfig, store: RunStore) -> Result:
                                                 (2, 2.0, 0.2, "second-order modified flow error is O(h^2)", papers[1])):
             slope = m["slope_first" if order == 1 else "slope_second"]
             claims.append(Claim(f"{prefix}_{'first' if order == 1 else 'second'}_order_slope", f"{what} ({label})",
-                                paper=paper, measured=round(slope, 3), holds=bool(abs(slope - target) <= tol)))
+                                paper=paper, measured=round(slope, 3),
+                                **_v(tolerance_claim(slope, target, abs_tol=tol))))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2), layout="constrained")
     for ax, (name, m) in zip(np.atleast_1d(axes), metrics.items()):
         hs = [r["h"] for r in m["rows"]]
@@ -118,3 +120,8 @@ def run(cfg: AdamFlowOrderConfig, store: RunStore) -> Result:
         ax.set_title(name), ax.legend(fontsize=8)
     store.save_figure(fig, "order_of_accuracy")
     return Result(claims=claims, metrics=metrics)
+
+
+def _v(verdict) -> dict:
+    """A verdict as the ``holds``/``reason`` keyword arguments of :class:`Claim`."""
+    return {"holds": verdict.holds, "reason": verdict.reason}

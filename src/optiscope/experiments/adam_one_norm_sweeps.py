@@ -19,6 +19,7 @@ from scipy.stats import spearmanr
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab import Problem, compare
 from optiscope.lab.store import RunStore
+from optiscope.metrics.verdicts import tolerance_claim
 from optiscope.theory.adam import one_norm_coefficient
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
@@ -71,9 +72,11 @@ def _peak_after_fall(values: np.ndarray) -> float:
 
 def _ordering_claim(cid, text, xs, lam, ys, predicted_sign, paper):
     rho = float(spearmanr(lam, ys)[0]) if len(set(ys)) > 1 else float("nan")
-    holds = bool(np.isfinite(rho) and rho == predicted_sign)
+    # a perfect ordering: the rank correlation equals the predicted sign (+1 or -1)
+    v = tolerance_claim(rho, float(predicted_sign), abs_tol=1e-9, premises=[(
+        len(set(ys)) > 1, "all values equal: no ordering to compare")])
     return Claim(cid, text, paper=paper, measured={"values": [[x, round(float(y), 6)] for x, y in zip(xs, ys)],
-                                                   "spearman_vs_lambda1": rho}, holds=holds)
+                                                   "spearman_vs_lambda1": rho}, holds=v.holds, reason=v.reason)
 
 
 @register("adam_one_norm_sweeps", paper="001", title="beta sweeps: perturbed one-norm and test accuracy vs the "
