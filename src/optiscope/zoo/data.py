@@ -51,6 +51,8 @@ class Dataset:
 
     @property
     def output_dim(self) -> int:
+        """Width of the model output this dataset needs: the number of classes, or the target dimension for
+        regression."""
         if self.task == "regression":
             y = self.train[1]
             return 1 if y.ndim == 1 else int(y.shape[-1])
