@@ -34,7 +34,7 @@ def test_r_med_matches_dense_diagonal():
     pb = tiny_problem()
     H = dense_hessian(pb)
     st = _state(pb)
-    out = make_probe("r_med", per_layer=10)(pb, st)
+    out = make_probe("r_med", per_layer=10, params=None)(pb, st)  # every tensor, not the weights default
     coords = st.cache["coords_10"]
     off = offsets(pb.model)
     for name, idx in coords.items():

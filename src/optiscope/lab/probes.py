@@ -349,9 +349,10 @@ class RMedProbe(Probe):
     (``r_med_seconds``; off by default since a timing would make a resumed run's metrics differ from an
     uninterrupted one).
 
-    ``params`` restricts the measurement (and its cost) to some parameter tensors: ``None`` (all trainable ones),
-    ``"weights"`` (tensors with >= 2 dimensions: weight matrices, embeddings, conv kernels; seed 000 reports R_med of
-    weight matrices) or a list of names. ``delta`` is the seed's extra denominator term for random targets (§4.2;
+    ``params`` restricts the measurement (and its cost) to some parameter tensors: ``"weights"`` (default: tensors
+    with >= 2 dimensions: weight matrices, embeddings, conv kernels; Jiang et al. 2023 report R_med of weight
+    matrices), ``None`` (all trainable ones) or a list of names. ``delta`` is the seed's extra denominator term for
+    random targets (§4.2;
     its value is not in the seed text). The shared initialization of compared runs (step 0, identical parameters,
     same probe batch and coordinates) is measured once and reused.
     """
@@ -359,7 +360,7 @@ class RMedProbe(Probe):
     name = "r_med"
 
     def __init__(self, per_layer: int = 200, delta: float = 0.0, save_diagonal: bool = False,
-                 params: str | Sequence[str] | None = None, record_seconds: bool = False):
+                 params: str | Sequence[str] | None = "weights", record_seconds: bool = False):
         if int(per_layer) < 1:
             raise ValueError(f"r_med probe: per_layer={per_layer!r} must be >= 1")
         if not delta >= 0:
@@ -734,3 +735,179 @@ def probe_name(probe: ProbeFn) -> str:
     """The name a probe's metrics are recorded under: its ``name`` attribute, else the function's name, else the
     class name."""
     return getattr(probe, "name", None) or getattr(probe, "__name__", None) or type(probe).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# probe budget: HVPs per checkpoint and an ETA before a run
+# ----------------------------------------------------------------------------------------------------------------
+#: a run warns when its probes would take more than this multiple of its training time
+PROBE_BUDGET_WARN_RATIO = 3.0
+
+
+@dataclass
+class ProbeBudget:
+    """Cost of a run's probes, estimated before the run from one timed Hessian-vector product.
+
+    ``hvps`` maps each probe to its HVPs per checkpoint (an upper bound for iterative probes: their ``max_iter``);
+    ``seconds_per_hvp`` is one timed HVP on the probe batch, ``graph_seconds`` the one-time gradient graph per
+    checkpoint; ``seconds_per_checkpoint = graph_seconds + total_hvps * seconds_per_hvp`` when any probe needs the
+    Hessian. ``training_seconds`` is ``steps`` times one timed training gradient (forward and backward on a batch of
+    ``batch_size``), when ``steps`` is given; ``ratio`` = probe time / training time."""
+    hvps: dict[str, int]
+    n_checkpoints: int
+    seconds_per_hvp: float
+    graph_seconds: float
+    training_seconds: float | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_hvps(self) -> int:
+        """HVPs per checkpoint over all probes."""
+        return int(sum(self.hvps.values()))
+
+    @property
+    def seconds_per_checkpoint(self) -> float:
+        """Estimated seconds of Hessian work per checkpoint."""
+        return (self.graph_seconds if self.total_hvps else 0.0) + self.total_hvps * self.seconds_per_hvp
+
+    @property
+    def total_seconds(self) -> float:
+        """Estimated seconds of Hessian work over the run."""
+        return self.n_checkpoints * self.seconds_per_checkpoint
+
+    @property
+    def ratio(self) -> float | None:
+        """Probe time / training time (None without a training estimate)."""
+        if not self.training_seconds:
+            return None
+        return self.total_seconds / self.training_seconds
+
+    @property
+    def too_expensive(self) -> bool:
+        """True when the probes would cost more than :data:`PROBE_BUDGET_WARN_RATIO` x the training time."""
+        return self.ratio is not None and self.ratio > PROBE_BUDGET_WARN_RATIO
+
+    def summary(self) -> str:
+        """One line: HVPs per checkpoint (per probe), ETA, and the ratio to training."""
+        per = ", ".join(f"{k} {v}" for k, v in self.hvps.items() if v) or "none"
+        eta = _fmt_seconds(self.total_seconds)
+        line = (f"probe budget: {self.total_hvps} HVPs per checkpoint ({per}) x {self.n_checkpoints} checkpoints; "
+                f"{self.seconds_per_hvp * 1e3:.1f} ms per HVP -> ETA {eta} for probes")
+        if self.ratio is not None:
+            line += f" ({self.ratio:.0%} of the estimated training time {_fmt_seconds(self.training_seconds)})"
+        if self.notes:
+            line += "; " + "; ".join(self.notes)
+        return line
+
+    def warning(self) -> str | None:
+        """The warning text when :attr:`too_expensive`, else None."""
+        if not self.too_expensive:
+            return None
+        return (f"probes would cost {self.ratio:.1f}x the training time (> {PROBE_BUDGET_WARN_RATIO:g}x): "
+                f"{self.total_hvps} HVPs per checkpoint; probe less often (probe_every), sample fewer coordinates "
+                "(r_med:per_layer=...), use a smaller probe batch, or lower max_iter")
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "?"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _coordinate_hvps(problem, model: nn.Module, per_layer: int, names: Sequence[str] | None,
+                     structured: set[str]) -> int:
+    """HVP columns for ``per_layer`` sampled coordinates of each parameter in ``names`` (all trainable if None),
+    not counting parameters whose exact diagonal comes from second-order backpropagation (``structured``)."""
+    named = dict(model.named_parameters())
+    chosen = problem.param_names if names is None else [n for n in names if n in named]
+    return int(sum(min(per_layer, named[n].numel()) for n in chosen if n not in structured))
+
+
+def probe_hvps(probe: ProbeFn, problem, model: nn.Module | None = None, structured: set[str] | None = None) -> int:
+    """Hessian-vector products one call of ``probe`` spends at a checkpoint (an upper bound for iterative probes).
+
+    Known probes: ``r_med`` and ``adam_alignment`` (one HVP column per sampled coordinate of a parameter outside
+    ``structured``), ``diag_dominance`` (one column per sampled coordinate of every parameter), ``sharpness`` and
+    ``precond_sharpness`` (``max_iter``), ``trace`` (``n_probes``); other built-in probes use none. A user probe
+    may declare ``n_hvp(problem) -> int``; otherwise it counts as 0."""
+    model = model if model is not None else problem.model
+    structured = structured or set()
+    if hasattr(probe, "n_hvp") and callable(probe.n_hvp):
+        return int(probe.n_hvp(problem))
+    if isinstance(probe, RMedProbe):
+        names = probe._names(problem, _BudgetState(model)) if probe.params is not None else None
+        return _coordinate_hvps(problem, model, probe.per_layer, names, structured)
+    if isinstance(probe, AdamAlignmentProbe):
+        return _coordinate_hvps(problem, model, probe.per_layer, None, structured)
+    if isinstance(probe, DiagDominanceProbe):
+        return _coordinate_hvps(problem, model, probe.per_layer, None, set())
+    if isinstance(probe, (SharpnessProbe, PrecondSharpnessProbe)):
+        return int(probe.max_iter)
+    if isinstance(probe, TraceProbe):
+        return int(probe.n_probes)
+    return 0
+
+
+@dataclass
+class _BudgetState:
+    model: nn.Module
+
+
+def probe_budget(probes: Any, problem, n_checkpoints: int = 1, steps: int | None = None,
+                 batch_size: int | None = None, model: nn.Module | None = None) -> ProbeBudget:
+    """Estimate the probes' cost before a run: HVPs per checkpoint (:func:`probe_hvps`), one timed HVP on the
+    problem's probe batch (after building the gradient graph, whose time is ``graph_seconds``), and, with
+    ``steps``, the training time from one timed gradient on ``batch_size`` samples. Pure: parameters, BatchNorm
+    statistics and RNG are untouched (the Hessian is pure; the training gradient runs under :func:`probe_guard`
+    with :func:`pure_forward`)."""
+    from optiscope.curvature import Hessian
+
+    probes = make_probes(probes)
+    model = model if model is not None else problem.model
+    with probe_guard(model):
+        H = Hessian(model, problem.loss_fn, problem.probe_batch)
+        structured: set[str] = set()
+        notes = []
+        try:
+            from optiscope.curvature.diagonal import structured_plan
+
+            structured = set(structured_plan(H)[0])
+        except Exception:  # noqa: BLE001 - no structured diagonal for this model: every coordinate is an HVP
+            structured = set()
+        hvps: dict[str, int] = {}
+        for p in probes:
+            name = probe_name(p)
+            hvps[name] = hvps.get(name, 0) + probe_hvps(p, problem, model, structured)
+        if structured and any(isinstance(p, (RMedProbe, AdamAlignmentProbe)) for p in probes):
+            notes.append(f"{len(structured)} parameter(s) get their exact diagonal by second-order "
+                         "backpropagation (not counted as HVPs)")
+        v = {n: torch.randn_like(p) for n, p in H.params.items()}
+        t0 = time.perf_counter()
+        H.hvp(v)  # builds the gradient graph
+        t_first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        H.hvp(v)
+        t_hvp = time.perf_counter() - t0
+        H.release()
+        train_s = None
+        if steps:
+            batches = _probe_batches(problem)
+            X, y = batches[0]
+            n = len(y)
+            b = min(int(batch_size or n), n)
+            from optiscope.lab.problem import select
+
+            Xb, yb = select(X, slice(0, b)), y[:b]
+            params = [p for p in model.parameters() if p.requires_grad]
+            with torch.enable_grad():
+                t0 = time.perf_counter()
+                loss = problem.loss_fn(pure_forward(model, Xb), yb)
+                torch.autograd.grad(loss, params, allow_unused=True)
+                t_grad = time.perf_counter() - t0
+            scale = (int(batch_size) / b) if batch_size and b < int(batch_size) else 1.0
+            train_s = float(steps) * t_grad * scale
+    return ProbeBudget(hvps, int(n_checkpoints), t_hvp, max(t_first - t_hvp, 0.0), train_s, notes)
