@@ -24,6 +24,9 @@ from optiscope.utils.progress import progress_task
 
 @dataclass(frozen=True)
 class AdamFlowOrderConfig(Config):
+    """Configuration of ``adam_flow_order`` (Cattaneo et al. 2024, Thm. 3.1): step sizes ``hs`` for the bilinear
+    problem (to time ``bilinear_horizon``) and ``mlp_hs`` for a small MLP on digits (to ``mlp_horizon``), with the
+    betas and eps of each study; ``substeps`` RK4 substeps per Adam step."""
     seed: int = 0
     hs: tuple[float, ...] = (4e-3, 2e-3, 1e-3)
     substeps: int = 1
@@ -88,6 +91,8 @@ def _order_study(f, p0, hs, horizon, betas, eps, substeps, task):
                                                mlp_hs=(5e-4, 2.5e-4, 1.25e-4, 6.25e-5), mlp_horizon=0.1,
                                                mlp_n_train=1437, mlp_width=32, mlp_eps=1e-2)})
 def run(cfg: AdamFlowOrderConfig, store: RunStore) -> Result:
+    """The maximal distance between Adam's iterates and the first- and second-order flows against ``h``; the
+    log-log slopes must be 1 and 2 (Cattaneo et al. 2024, Thm. 3.1)."""
     studies = {"bilinear": (bilinear_problem(), cfg.hs, cfg.bilinear_horizon, cfg.bilinear_betas, cfg.bilinear_eps)}
     if cfg.mlp:
         studies["digits_mlp"] = (_digits_mlp(cfg), cfg.mlp_hs, cfg.mlp_horizon, cfg.mlp_betas, cfg.mlp_eps)
