@@ -27,6 +27,10 @@ from optiscope.utils.plotting import plt
 
 @dataclass(frozen=True)
 class AdamSweepConfig(Config):
+    """Configuration of ``adam_one_norm_sweeps`` (Cattaneo et al. 2024, §5, Fig. 4-6): a zoo ``model`` on
+    ``dataset`` (``n_train`` / ``n_test`` samples), full-batch Adam with step ``h`` for ``steps`` steps, a beta2
+    sweep at ``beta1_fixed`` and a beta1 sweep at ``beta2_fixed``; probes every ``probe_every`` steps
+    (``correction_probe``: also the modified-flow correction term)."""
     seed: int = 0
     model: str = "mlp:depth=3,width=64,activation=gelu"
     dataset: str = "fashion_mnist"
@@ -86,6 +90,8 @@ def _ordering_claim(cid, text, xs, lam, ys, predicted_sign, paper):
                                            h=7.5e-5, eps=1e-7, beta2_sweep=(0.9, 0.92, 0.95, 0.97, 0.99),
                                            beta1_sweep=(0.8, 0.85, 0.9, 0.95, 0.97), probe_every=25)})
 def run(cfg: AdamSweepConfig, store: RunStore) -> Result:
+    """Peak perturbed one-norm and best test accuracy along each beta sweep, against the (anti-)penalisation
+    that Cattaneo et al. 2024 (Table 1) predict from the sign of beta1 - beta2."""
     flatten = not cfg.model.startswith(("small_cnn", "stripped_resnet"))
     problem = Problem.from_specs(cfg.model, cfg.dataset, seed=cfg.seed, probe_size=cfg.n_train,
                                  n_train=cfg.n_train, n_test=cfg.n_test, flatten=flatten)
