@@ -35,6 +35,10 @@ from optiscope.utils.progress import progress_task
 
 @dataclass(frozen=True)
 class AdamClosenessConfig(Config):
+    """Configuration of ``adam_trajectory_closeness`` (Cattaneo et al. 2024, Fig. 3): a width-``width`` MLP on
+    ``n_train`` samples of ``dataset``, full-batch Adam with step ``h`` and betas for ``epochs`` steps, the flows
+    integrated with ``integrator`` (``substeps`` per step) in ``dtype``; ``also_discrete`` adds the memoryless
+    second-order iteration."""
     seed: int = 0
     dataset: str = "fashion_mnist"
     n_train: int = 1000
