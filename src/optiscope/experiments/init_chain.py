@@ -42,6 +42,9 @@ QUANTITIES = ("forward", "gradient", "hessian_offdiag", "hessian_diag")
 
 @dataclass(frozen=True)
 class ChainConfig(Config):
+    """Configuration of ``init_chain`` (Orvieto et al. 2022, §3, Thm. 6, Fig. 2): ``n_samples`` Monte Carlo
+    neural chains up to ``max_depth`` for each weight distribution in ``dists`` at the variance-preserving scale, input
+    ``x`` and target ``y``; ``tolerance`` is the relative error the medians must meet."""
     seed: int = 0
     max_depth: int = 100
     n_samples: int = 1_000_000
