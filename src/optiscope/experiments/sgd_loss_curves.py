@@ -41,6 +41,11 @@ from optiscope.utils.progress import progress_task
 
 @dataclass(frozen=True)
 class LossCurvesConfig(Config):
+    """Configuration of ``sgd_loss_curves`` (Velikanov et al. 2023, Fig. 1, 7): NTK problems on ``datasets``
+    (``n_points`` each, 0 = the whole split; network ``width``), SGD with ``lr`` (in units of 1 / lambda_max) and
+    ``momentum`` at each of ``batch_sizes`` for ``steps`` steps, averaged over ``n_runs`` sampled runs and ``nn_runs``
+    real networks; the SE prediction at each of ``taus``; the ``noise_*`` fields set the negative-control regime and the
+    ``het_*`` fields the small heterogeneous problem checked against the exact second-moment recursion."""
     seed: int = 0
     datasets: tuple[str, ...] = ("digits", "fashion_mnist")
     n_points: tuple[int, ...] = (0, 1000)          # 0 = the whole training split
