@@ -40,6 +40,10 @@ from optiscope.utils.progress import progress_task
 
 @dataclass(frozen=True)
 class NegativeMomentumConfig(Config):
+    """Configuration of ``sgd_negative_momentum`` (Velikanov et al. 2023, §6, Prop. 5, Fig. 6): a noise-dominated
+    power-law problem (``noise_nu``, ``noise_kappa``, ``noise_modes``, ``noise_steps``) and a signal-dominated one
+    (``signal_*``), each searched over momenta (``*_betas``) and learning rates; ``batch_size`` of SGD; ``fd_beta`` the
+    finite-difference step of Prop. 5's derivative."""
     seed: int = 0
     noise_nu: float = 2.0
     noise_kappa: float = 4.25
