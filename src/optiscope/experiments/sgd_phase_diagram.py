@@ -33,6 +33,10 @@ from optiscope.utils.progress import progress_task
 
 @dataclass(frozen=True)
 class PhaseDiagramConfig(Config):
+    """Configuration of ``sgd_phase_diagram`` (Velikanov et al. 2023, §6, Thm. 2, Fig. 3): exact power laws at
+    ``points`` (nu, kappa) with ``modes`` modes, SGD at ``momentum`` and ``lr_fraction`` of the critical lr for
+    ``steps`` steps; the ``transition_*`` problem checks the signal-to-noise transition time, the ``divergence_*``
+    problem the immediate-divergence phase; tolerances for the exponents and the asymptotic constants."""
     seed: int = 0
     # zeta = kappa/nu > 1 everywhere so that V~(1) stays finite as the number of modes grows (Eq. 28b applies)
     points: tuple[tuple[float, float], ...] = ((2.0, 2.5), (1.5, 1.8), (1.5, 3.0), (2.0, 4.0))
