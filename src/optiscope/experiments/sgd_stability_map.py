@@ -34,6 +34,11 @@ from optiscope.utils.progress import progress_task
 
 @dataclass(frozen=True)
 class StabilityMapConfig(Config):
+    """Configuration of ``sgd_stability_map`` (Velikanov et al. 2023, Fig. 2, 12-14): the NTK problem of
+    ``dataset`` (``n_points``, ``width``) at ``batch_size``; the critical lr per ``critical_momenta`` located from
+    simulated runs (``critical_*``: steps, seeds, learning rates per round, rounds of refinement); a simulated
+    (lr, momentum) map on ``map_points`` points (``map_*``) against the theory grid (``theory_*``);
+    ``target_rel_error`` the claim tolerance."""
     seed: int = 0
     dataset: str = "digits"
     n_points: int = 0                      # 0 = whole training split
