@@ -54,6 +54,11 @@ PENALTY_FORMS = ("nuclear_over_frobenius",)
 
 @dataclass(frozen=True)
 class MatrixCompletionConfig(Config):
+    """Configuration of ``matrix_completion`` (Arora, Cohen, Hu & Luo 2019): a ``size`` x ``size`` matrix of
+    ``rank`` observed at each of ``n_observed`` entries, completed by depth-N factorizations (``depths``) from each of
+    ``init_scales``, with each of ``optimizers`` (GD at ``gd_lr`` / lambda_max, Adam, RMSProp with their lr and eps),
+    ``repeats`` times, for at most ``max_steps`` or until ``target_loss``; recovery means a relative error below
+    ``recovery_threshold``; the ``nn_*`` fields set the nuclear-norm baseline solver."""
     seed: int = 0
     size: int = 100
     rank: int = 5
