@@ -45,7 +45,7 @@ AT_CHOICES = ("late_mean", "final")
 # ----------------------------------------------------------------------------------------------------------------
 def rmed_probe(params: Sequence[str] | str = "weights", per_layer: int = 200, delta: float = 0.0,
                save_diagonal: bool = False):
-    """The lab's ``r_med`` probe restricted to ``params`` (default: the weight matrices; the seed counts "layers"
+    """The lab's ``r_med`` probe restricted to ``params`` (default: the weight matrices; the paper counts "layers"
     without normalisation layers, App. A.1), so that biases and LayerNorm gains cost no Hessian-vector products."""
     from optiscope.lab.probes import RMedProbe
 
@@ -266,9 +266,9 @@ def gap_summary(values_a: np.ndarray, values_b: np.ndarray, layers: Sequence[str
                 n_resamples: int = 2000, seed: int = 0, name_a: str = "adam", name_b: str = "sgdm") -> dict[str, Any]:
     """Headline statistics of the issue for A (adaptive) vs B (SGD+M), on ``[repeats, layers]`` arrays.
 
-    - ``frac_layers_a_smaller``: fraction of layers (the first ``exclude_first`` excluded, as the seed does in
+    - ``frac_layers_a_smaller``: fraction of layers (the first ``exclude_first`` excluded, as the paper does in
       §2 "except for first several layers") where ``mean_r R_A < mean_r R_B``;
-    - ``median_ratio``: median over those layers of ``mean_r R_B / mean_r R_A`` (the seed reports 1.4-2);
+    - ``median_ratio``: median over those layers of ``mean_r R_B / mean_r R_A`` (the paper reports 1.4-2);
     - ``ci95``: bootstrap 95% percentile interval of ``median_ratio`` resampling repeats (paired: A and B of the
       same repeat stay together); ``[nan, nan]`` with a single repeat.
     """
@@ -323,7 +323,7 @@ def _f(x: float) -> float | None:
 
 
 def layer_table_markdown(summary: Mapping[str, Any], name_a: str = "adam", name_b: str = "sgdm") -> str:
-    """Per-layer table (seed Table 1/2 analogue): mean R_med (std) of both and their ratio B/A."""
+    """Per-layer table (the paper's Table 1/2 analogue): mean R_med (std) of both and their ratio B/A."""
     lines = [f"| layer | R_med {name_b} | R_med {name_a} | ratio {name_b}/{name_a} |", "|---|---|---|---|"]
     for row in summary["per_layer"]:
         def fmt(m, s):
@@ -340,7 +340,7 @@ def layer_table_markdown(summary: Mapping[str, Any], name_a: str = "adam", name_
 # ----------------------------------------------------------------------------------------------------------------
 def plot_loss(store, metrics: pd.DataFrame, name: str = "training_loss", metric: str = "loss",
               title: str = "training loss", repeat: int | None = 0, logy: bool = True) -> None:
-    """Training loss of every optimizer over steps (one repeat, as the seed's figures show one of the repeats)."""
+    """Training loss of every optimizer over steps (one repeat, as the paper's figures show one of the repeats)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     df = metrics[(metrics["metric"] == metric) & (metrics["layer"] == "")]
     if repeat is not None and "repeat" in df:
