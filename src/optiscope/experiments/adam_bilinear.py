@@ -1,4 +1,4 @@
-"""Seed 001 §4, Fig. 2 / Table 1: where Adam lands on the hyperbola of minima of E = (y - theta1 theta2)^2 / 2.
+"""Cattaneo et al. 2024, §4, Fig. 2 / Table 1: where Adam lands on the hyperbola of minima of E = (y - theta1 theta2)^2 / 2.
 
 The small-eps modified loss is E + lambda_1 ||grad E||_1 with lambda_1 = (h/2)((1+b1)/(1-b1) - (1+b2)/(1-b2))
 (:func:`optiscope.theory.adam.one_norm_coefficient`). On the bilinear model ||grad E||_1 = |r|(|theta1|+|theta2|), so
