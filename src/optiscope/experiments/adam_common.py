@@ -1,4 +1,4 @@
-"""Helpers shared by the seed-001 experiments (``adam_*``): the bilinear problem and log-log slope fits."""
+"""Helpers shared by the Cattaneo et al. 2024 experiments (``adam_*``): the bilinear problem and log-log slope fits."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from optiscope.zoo.models import Bilinear
 
 
 def bilinear_problem(y: float = 1.5, theta0: tuple[float, float] = (2.8, 3.5)):
-    """``(f, params0)`` for E = (y - theta1 theta2)^2 / 2 (001 §4) built from :class:`optiscope.zoo.models.Bilinear`."""
+    """``(f, params0)`` for E = (y - theta1 theta2)^2 / 2 (Cattaneo et al. 2024, §4) built from :class:`optiscope.zoo.models.Bilinear`."""
     model = Bilinear(*theta0).double()
     return model_loss(model, HalfMSELoss(), Bilinear.data(y, dtype=torch.float64))
 
@@ -25,6 +25,6 @@ def loglog_slope(hs, errs) -> float:
 
 
 def max_abs_distance(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """Per recorded step, the max-norm distance ||a_n - b_n||_inf (001 §5 Fig. 3 uses the infinity norm)."""
+    """Per recorded step, the max-norm distance ||a_n - b_n||_inf (Cattaneo et al. 2024, §5 Fig. 3 uses the infinity norm)."""
     n = min(len(a), len(b))
     return (a[:n] - b[:n]).abs().amax(dim=1).double().numpy()
