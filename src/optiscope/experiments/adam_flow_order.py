@@ -1,8 +1,8 @@
-"""Seed 001 Thm. 3.1: order of accuracy of the first-order (O(h)) and second-order (O(h^2)) modified flows.
+"""Cattaneo et al. 2024, Thm. 3.1: order of accuracy of the first-order (O(h)) and second-order (O(h^2)) modified flows.
 
 For each h, full-batch Adam runs for ``horizon / h`` steps and the flows are integrated with RK4 (``substeps`` per
 interval) from the same start; we record max_n ||theta_n - theta~(nh)||_inf and fit log-log slopes against h, on the
-bilinear model (001 §4) and on a small GeLU MLP on scikit-learn's digits (float64).
+bilinear model (Cattaneo et al. 2024, §4) and on a small GeLU MLP on scikit-learn's digits (float64).
 """
 
 from __future__ import annotations
