@@ -1,12 +1,12 @@
-"""Seed 001 §5, Fig. 4-6 (App. H at CPU scale): beta sweeps of full-batch Adam, perturbed one-norm and test accuracy.
+"""Cattaneo et al. 2024, §5, Fig. 4-6 (App. H at CPU scale): beta sweeps of full-batch Adam, perturbed one-norm and test accuracy.
 
-Theory (001 §2, Table 1; :func:`optiscope.theory.adam.one_norm_coefficient`): the modified loss carries
+Theory (Cattaneo et al. 2024, §2, Table 1; :func:`optiscope.theory.adam.one_norm_coefficient`): the modified loss carries
 lambda_1 ||grad E||_{1,eps} with lambda_1 = (h/2)((1+b1)/(1-b1) - (1+b2)/(1-b2)), which grows with beta1 and falls
 with beta2. Predicted orderings: the perturbed one-norm of the full-batch gradient is *lower* for larger lambda_1
-(raising beta1 lowers it, raising beta2 raises it) and, as the seed reports, test accuracy is *higher*.
-We train full-batch Adam (eps inside the square root, 001 Def. 1.1) through ``lab.compare`` from one
+(raising beta1 lowers it, raising beta2 raises it) and, as the paper reports, test accuracy is *higher*.
+We train full-batch Adam (eps inside the square root, Cattaneo et al. 2024, Def. 1.1) through ``lab.compare`` from one
 initialisation, with the ``one_norm``, ``accuracy`` and ``adam_correction`` probes, and compare the measured
-orderings with the predicted ones. The "peak" one-norm is the maximum after the initial fall (001 App. H.3).
+orderings with the predicted ones. The "peak" one-norm is the maximum after the initial fall (Cattaneo et al. 2024, App. H.3).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _series(metrics, run: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _peak_after_fall(values: np.ndarray) -> float:
-    """Max of the curve after its first-half minimum (the end of the initial fall, 001 App. H.3)."""
+    """Max of the curve after its first-half minimum (the end of the initial fall, Cattaneo et al. 2024, App. H.3)."""
     if len(values) == 0:
         return float("nan")
     i0 = int(np.argmin(values[: max(1, len(values) // 2)]))
