@@ -1,4 +1,4 @@
-"""Experiment registry and runner (DESIGN.md "Experiment").
+"""Experiment registry and runner (docs/architecture.md).
 
 An experiment is one module in ``optiscope.experiments`` that registers a run function::
 
@@ -12,7 +12,7 @@ An experiment is one module in ``optiscope.experiments`` that registers a run fu
               presets={"quick": MyConfig(), "full": MyConfig(steps=10_000)})
     def run(config: MyConfig, store: RunStore) -> Result:
         ...
-        return Result(claims=[Claim("c1", "what the seed claims", paper=..., measured=..., holds=...)],
+        return Result(claims=[Claim("c1", "what the paper claims", paper=..., measured=..., holds=...)],
                       metrics={...})
 
 ``run_experiment`` resolves the preset, applies overrides, writes ``config.yaml`` and ``manifest.json``, calls the
