@@ -1,4 +1,4 @@
-"""Neural chain at initialization: Monte Carlo vs exact theory for medians at depths 1-100 (seed 002 §3, Fig. 2).
+"""Neural chain at initialization: Monte Carlo vs exact theory for medians at depths 1-100 (Orvieto et al. 2022, §3, Fig. 2).
 
 For ``f = x prod_{l=1}^L w_l`` with i.i.d. uniform (``U[-sqrt 3, sqrt 3]``) and Gaussian (``N(0, 1)``) weights, the
 variance-preserving ("optimal") scales, we draw ``n_samples`` chains (one ``torch.Generator``) and compare the sample
@@ -56,7 +56,7 @@ class ChainConfig(Config):
 
     def validate(self) -> None:
         require(self.max_depth >= 2, "max_depth", self.max_depth, ">= 2")
-        require(self.n_samples >= 2000, "n_samples", self.n_samples, ">= 2000 (seed Fig. 2 resolution)")
+        require(self.n_samples >= 2000, "n_samples", self.n_samples, ">= 2000 (the paper's Fig. 2 resolution)")
         require(len(self.dists) > 0 and all(d in ("uniform", "normal") for d in self.dists), "dists", self.dists,
                 "a non-empty subset of (uniform, normal)")
         require(self.x != 0 and math.isfinite(self.x), "x", self.x, "a finite non-zero number")
@@ -205,7 +205,7 @@ def _run(config: ChainConfig, store: RunStore) -> Result:
         loss_offdiag = mc["median_loss_hessian_offdiag"]
         metrics[f"{dist}_loss_hessian_offdiag_over_y_f_offdiag_at_max_depth"] = float(
             loss_offdiag[-1] / (abs(config.y) * theory["hessian_offdiag"][-1]))
-        # E f^2 = 1 exactly, but its Monte Carlo estimate collapses at large depth (fat tails; 002 §3, Prop. 3)
+        # E f^2 = 1 exactly, but its Monte Carlo estimate collapses at large depth (fat tails; Orvieto et al. 2022, §3, Prop. 3)
         mean_f2 = mc["mean_f2"]
         arrays[f"{dist}_mean_f2_mc"] = mean_f2
         metrics[f"{dist}_mc_mean_f2"] = {int(L): float(mean_f2[L - 1]) for L in (1, 10, 30, 100) if L <= config.max_depth}
