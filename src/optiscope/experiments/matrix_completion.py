@@ -1,7 +1,7 @@
 """Deep matrix completion: GD vs Adam vs the global-RMSProp step, beside nuclear-norm minimisation, and the
 research notes' ratio penalty.
 
-Seed 003, "Adam + Ratio" and "Linear Networks via GD Trajectory" (the notes ask why Adam recovers the matrix and
+The research notes after Arora et al. 2019, "Adam + Ratio" and "Linear Networks via GD Trajectory" (the notes ask why Adam recovers the matrix and
 what depth does); setup of Arora, Cohen, Hu & Luo (2019) as recovered in spec "Paper 4", 4j-2 [V-CODE]:
 
 * ground truth ``W* = U V^T / sqrt(r)``, ``U, V in R^{n x r}`` i.i.d. N(0, 1), rescaled to ``||W*||_F = n``;
@@ -227,7 +227,7 @@ def global_rmsprop_step(params: list[torch.Tensor], grads: list[torch.Tensor], s
 
 
 def gd_step_size(W_star: torch.Tensor, mask: torch.Tensor, depth: int, factor: float) -> float:
-    """GD step ``factor / lambda_max`` from the end-to-end view of the loss (seed 003 Eq. (1); spec 4j-1).
+    """GD step ``factor / lambda_max`` from the end-to-end view of the loss (Arora et al. 2018, Thm. 1).
 
     Near a solution, factor GD moves ``W_e`` by ``-lr P_{W_e} grad l``; the loss Hessian on ``W_e`` is
     ``(2/|Omega|) P_Omega`` and the top eigenvalue of ``P_{W_e}`` is ``N sigma_1^{2-2/N}``
@@ -517,7 +517,7 @@ def _summary(values: list[float]) -> tuple[float | None, float | None]:
                    "full": MatrixCompletionConfig(penalty_steps=100_000, penalty_depths=(1, 2, 3),
                                                   penalty_weights=(1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1))})
 def run(config: MatrixCompletionConfig, store: RunStore) -> Result:
-    """Deep matrix completion (seed 003 notes; ACHL 2019 setup, spec 4j-2)."""
+    """Deep matrix completion (the research notes; Arora et al. 2019 setup)."""
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     gen = torch.Generator().manual_seed(config.seed)
     W_star = ground_truth(config.size, config.rank, gen)
