@@ -1,5 +1,5 @@
-"""Shared by the seed-004 experiments and the ``sgd-theory`` CLI: the NTK regression problem on a real dataset
-(seed 004 App. F pipeline) and the real one-hidden-layer network trained with SGD + momentum.
+"""Shared by the Velikanov et al. 2023 experiments and the ``sgd-theory`` CLI: the NTK regression problem on a real dataset
+(Velikanov et al. 2023, App. F pipeline) and the real one-hidden-layer network trained with SGD + momentum.
 
 Pipeline (authors' ``train_4_regimes_serial.py``, spec f): inputs standardised (``zoo.data`` does it), targets =
 the class label standardised to zero mean / unit variance (scalar regression), one-hidden-layer ReLU network of
