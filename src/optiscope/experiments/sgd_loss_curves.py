@@ -112,7 +112,7 @@ FULL = LossCurvesConfig(n_points=(0, 2000), steps=10_000, n_runs=100, nn_runs=5)
 @register("sgd_loss_curves", paper="004", title="SGD loss curves from the NTK spectrum: SE vs sampled vs network",
           config=LossCurvesConfig, presets={"quick": QUICK, "full": FULL})
 def run(config: LossCurvesConfig, store: RunStore) -> Result:
-    """Seed 004 Fig. 1, 7: SE prediction (tau = 0, 1, best) vs averaged sampled SGD vs the real network."""
+    """Velikanov et al. 2023, Fig. 1, 7: SE prediction (tau = 0, 1, best) vs averaged sampled SGD vs the real network."""
     claims: list[Claim] = []
     metrics: dict = {"problems": {}}
     T = config.steps
