@@ -1,4 +1,4 @@
-"""Seed 004 Fig. 6, Prop. 5: when is negative momentum better?
+"""Velikanov et al. 2023, Fig. 6, Prop. 5: when is negative momentum better?
 
 Two exact power-law problems, b = 1 on an infinite dataset (gamma = 1), SE with tau = 1:
 
@@ -91,7 +91,7 @@ FULL = NegativeMomentumConfig(noise_modes=10_000, noise_steps=200_000, signal_mo
 @register("sgd_negative_momentum", paper="004", title="Negative momentum in the noise-dominated phase (Prop. 5, Fig. 6)",
           config=NegativeMomentumConfig, presets={"quick": QUICK, "full": FULL})
 def run(config: NegativeMomentumConfig, store: RunStore) -> Result:
-    """Seed 004 §6 Prop. 5 / Fig. 6: Prop. 5's sign vs the SE grid-search optimum of the momentum."""
+    """Velikanov et al. 2023, §6 Prop. 5 / Fig. 6: Prop. 5's sign vs the SE grid-search optimum of the momentum."""
     b = config.batch_size
     claims: list[Claim] = []
     metrics: dict = {}
