@@ -1,4 +1,4 @@
-"""Seed 004 Fig. 3: phases of SGD on power-law spectra, asymptotic rates, signal-to-noise transition time and
+"""Velikanov et al. 2023, Fig. 3: phases of SGD on power-law spectra, asymptotic rates, signal-to-noise transition time and
 eventual divergence.
 
 Theory: ``power_law_phase`` (nu <= 1/2 immediate divergence, 1/2 < nu <= 1 eventual divergence, else signal-
@@ -108,7 +108,7 @@ def transition_check(config: PhaseDiagramConfig) -> dict:
 @register("sgd_phase_diagram", paper="004", title="Power-law phases, asymptotic rates and transition time (Fig. 3)",
           config=PhaseDiagramConfig, presets={"quick": QUICK, "full": FULL})
 def run(config: PhaseDiagramConfig, store: RunStore) -> Result:
-    """Seed 004 Fig. 3 and Thm. 2: predicted phase/exponent/constants vs the SE loss on exact power laws."""
+    """Velikanov et al. 2023, Fig. 3 and Thm. 2: predicted phase/exponent/constants vs the SE loss on exact power laws."""
     claims: list[Claim] = []
     metrics: dict = {"points": []}
     T = config.steps
