@@ -1,4 +1,4 @@
-"""Seed 004 Fig. 2 and Figs. 12-14: where does mini-batch SGD with momentum diverge?
+"""Velikanov et al. 2023, Fig. 2 and Figs. 12-14: where does mini-batch SGD with momentum diverge?
 
 Theory (SE, tau1 = tau2 = 1): converges iff ``alpha lambda_max < 2 (1 + beta)`` and ``U~(1) < 1`` (Prop. 3);
 Prop. 4's simple cap ``alpha_eff < 2 / (gamma lambda_crit)``. Simulation: sampled output-space SGD on the digits
@@ -127,7 +127,7 @@ def simulated_critical_lr(kernel, e0, momentum: float, batch_size: int, lo: floa
 @register("sgd_stability_map", paper="004", title="Stability of SGD+momentum over (lr, momentum): theory vs simulation",
           config=StabilityMapConfig, presets={"quick": QUICK, "medium": MEDIUM, "full": FULL})
 def run(config: StabilityMapConfig, store: RunStore) -> Result:
-    """Seed 004 Fig. 2, 12-14: U(1) = 1 boundary and Prop. 4 cap vs divergence of simulated runs."""
+    """Velikanov et al. 2023, Fig. 2, 12-14: U(1) = 1 boundary and Prop. 4 cap vs divergence of simulated runs."""
     prob = ntk_problem(config.dataset, n_points=config.n_points or None, width=config.width, seed=config.seed)
     spec, n, b = prob.spectrum, prob.n, config.batch_size
     if b > n:
