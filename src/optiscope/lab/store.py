@@ -1,4 +1,4 @@
-"""RunStore: one run directory (DESIGN.md "Core contracts").
+"""RunStore: one run directory (docs/architecture.md).
 
 Layout::
 
