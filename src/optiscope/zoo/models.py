@@ -229,7 +229,7 @@ class Bilinear(nn.Module):
 
     With the data of :meth:`data` (``x = 1``, target ``y``) and :class:`optiscope.zoo.data.HalfMSELoss` the loss is
     ``E(theta) = (y - theta1 theta2)^2 / 2``; minima on the hyperbola ``theta1 theta2 = y``. One parameter
-    ``theta = (theta1, theta2)``; default start ``(2.8, 3.5)`` (the spec's numerical-check start; the seed's value is not recoverable).
+    ``theta = (theta1, theta2)``; default start ``(2.8, 3.5)`` (the spec's numerical-check start; the paper's value is not recoverable).
     """
 
     def __init__(self, theta1: float = 2.8, theta2: float = 3.5, seed: int = 0) -> None:
