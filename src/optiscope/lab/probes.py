@@ -1,4 +1,4 @@
-"""Probes: pure measurements taken by a Run at checkpoints (DESIGN.md "Core contracts: Probe").
+"""Probes: pure measurements taken by a Run at checkpoints (docs/architecture.md).
 
 A probe is any callable ``probe(problem, state) -> dict``. The dict maps a metric name to
 
@@ -16,16 +16,16 @@ Built-in probes (``PROBES``; ``make_probe(name, **kw)``; ``make_probes(["r_med:p
 loss           training loss (full training set, or the probe batch) and eval loss
 accuracy       training / eval accuracy (classification and lm tasks)
 grad_norm      gradient 2-norm and 1-norm on the probe batch, total and per layer
-one_norm       perturbed one-norm ``sum_i sqrt(g_i^2 + eps)`` (seed 001 §2, Eq. 3), eps from the optimizer
-r_med          per-layer R_med on exact sampled Hessian diagonal entries (seed 000 §3.2, Eq. 1)
-diag_dominance diagonal dominance of the sampled Hessian block (seed 000 App. E)
+one_norm       perturbed one-norm ``sum_i sqrt(g_i^2 + eps)`` (Cattaneo et al. 2024, §2, Eq. 3), eps from the optimizer
+r_med          per-layer R_med on exact sampled Hessian diagonal entries (Jiang et al. 2023, §3.2, Eq. 1)
+diag_dominance diagonal dominance of the sampled Hessian block (Jiang et al. 2023, App. E)
 sharpness      top Hessian eigenvalue, Lanczos warm-started from the previous checkpoint's vectors
 trace          Hessian trace (Hutch++)
 precond_sharpness  top eigenvalue of P^-1/2 H P^-1/2, P the optimizer's diagonal preconditioner (Cohen et al. 2022)
-weight_spectrum    singular values, effective rank and R_u per 2-D layer (seed 000 §6)
-adam_alignment Hessian diagonal vs |gradient| and |adaptive update| on the sampled coordinates (seed 000 §4.3)
+weight_spectrum    singular values, effective rank and R_u per 2-D layer (Jiang et al. 2023, §6)
+adam_alignment Hessian diagonal vs |gradient| and |adaptive update| on the sampled coordinates (Jiang et al. 2023, §4.3)
 update_norm    norm of the last update and of the weights, per layer
-adam_correction    registered lazily from ``optiscope.lab.adam_correction_probe`` (seed 001 work)
+adam_correction    registered lazily from ``optiscope.lab.adam_correction_probe`` (Cattaneo et al. 2024)
 ============== ==============================================================================================
 """
 
@@ -311,7 +311,7 @@ class GradNormProbe(Probe):
 
 class OneNormProbe(Probe):
     """``one_norm``: the perturbed one-norm ``||g||_{1,eps} = sum_i sqrt(g_i^2 + eps)`` of the probe-batch gradient
-    (seed 001 §2, Eq. 3; spec §1b). ``eps``: the ``eps`` option if given, else ``optimizer.perturbation_eps``, else
+    (Cattaneo et al. 2024, §2, Eq. 3; spec §1b). ``eps``: the ``eps`` option if given, else ``optimizer.perturbation_eps``, else
     1e-8 (Adam's default with eps inside the square root). The eps used is recorded as ``one_norm_eps``."""
 
     name = "one_norm"
@@ -341,7 +341,7 @@ def weight_matrix_params(model: nn.Module) -> list[str]:
 
 class RMedProbe(Probe):
     """``r_med``: per layer, ``R_med = max_i h_i / (median_i h_i + delta)`` over ``per_layer`` sampled exact
-    Hessian diagonal entries ``h_i = e_i^T H e_i`` (seed 000 §3.2, Eq. 1; spec §2f). The coordinates are sampled once
+    Hessian diagonal entries ``h_i = e_i^T H e_i`` (Jiang et al. 2023, §3.2, Eq. 1; spec §2f). The coordinates are sampled once
     per run (seed from the run) and reused at every checkpoint. Also records ``r_med_nonpositive`` (count of
     h_i <= 0), ``r_med_zeros`` (exact zeros, left out of max and median: ``metrics.r_med``; a layer with at least
     ``ZERO_DIAGONAL_WARN_FRACTION`` of them, or without a defined ratio (recorded as NaN), gets one
@@ -351,9 +351,9 @@ class RMedProbe(Probe):
 
     ``params`` restricts the measurement (and its cost) to some parameter tensors: ``"weights"`` (default: tensors
     with >= 2 dimensions: weight matrices, embeddings, conv kernels; Jiang et al. 2023 report R_med of weight
-    matrices), ``None`` (all trainable ones) or a list of names. ``delta`` is the seed's extra denominator term for
+    matrices), ``None`` (all trainable ones) or a list of names. ``delta`` is the paper's extra denominator term for
     random targets (§4.2;
-    its value is not in the seed text). The shared initialization of compared runs (step 0, identical parameters,
+    its value is not in the paper). The shared initialization of compared runs (step 0, identical parameters,
     same probe batch and coordinates) is measured once and reused.
     """
 
@@ -444,7 +444,7 @@ class RMedProbe(Probe):
 
 
 class DiagDominanceProbe(Probe):
-    """``diag_dominance``: diagonal dominance of the sampled Hessian block ``H[I, I]`` (seed 000 App. E, Eq. 40;
+    """``diag_dominance``: diagonal dominance of the sampled Hessian block ``H[I, I]`` (Jiang et al. 2023, App. E, Eq. 40;
     ``metrics.diagonal_dominance``): the median over sampled coordinates i of ``sum_{j != i} |H_ij| / |H_ii|``
     (smaller = more diagonal), over all layers together (``per_layer`` coordinates per parameter tensor; also the
     mean and the mass ratio) and the median within each layer (``diag_dominance_layer``)."""
@@ -558,7 +558,7 @@ class PrecondSharpnessProbe(Probe):
 
 class WeightSpectrumProbe(Probe):
     """``weight_spectrum``: per 2-D (or higher, flattened to ``[out, -1]``) parameter: singular values (saved as an
-    array), effective rank ``erank`` (Roy & Vetterli) and singular-vector uniformity ``r_u`` (seed 000 §6 (B))."""
+    array), effective rank ``erank`` (Roy & Vetterli) and singular-vector uniformity ``r_u`` (Jiang et al. 2023, §6 (B))."""
 
     name = "weight_spectrum"
 
@@ -582,7 +582,7 @@ class WeightSpectrumProbe(Probe):
 
 
 class AdamAlignmentProbe(Probe):
-    """``adam_alignment`` (seed 000 §4.3 and App. A.6): on the sampled coordinates I of each layer, the Spearman rank
+    """``adam_alignment`` (Jiang et al. 2023, §4.3 and App. A.6): on the sampled coordinates I of each layer, the Spearman rank
     correlation between the Hessian diagonal ``h_i`` and
 
     - ``|g_i|`` (the true gradient on the probe batch): ``align_grad``,
@@ -651,7 +651,7 @@ class UpdateNormProbe(Probe):
 
 
 def _adam_correction_factory(**kw):
-    """Lazy import: the probe lives in ``optiscope.lab.adam_correction_probe`` (seed 001 work)."""
+    """Lazy import: the probe lives in ``optiscope.lab.adam_correction_probe`` (Cattaneo et al. 2024)."""
     try:
         mod = importlib.import_module("optiscope.lab.adam_correction_probe")
     except ModuleNotFoundError as e:
