@@ -589,7 +589,7 @@ class AdamAlignmentProbe(Probe):
     - ``|Delta theta_i| / lr`` (the "adaptive gradient" actually applied by the last step): ``align_update``,
     - ``P_i`` (the optimizer's diagonal preconditioner, adaptive optimizers only): ``align_precond``.
 
-    The seed states that h_i aligns with |g_i| while Adam's adaptive gradient is nearly uniform and does not align;
+    The paper states that h_i aligns with |g_i| while Adam's adaptive gradient is nearly uniform and does not align;
     spec §2f marks the exact statistic UNKNOWN, so the default reading is the rank correlation above (Spearman is
     scale-free, so the lr does not matter). Also records ``adaptive_gradient_uniformity`` = max/median of
     ``|Delta theta_i|`` on I (the update's analogue of R_med).
