@@ -24,7 +24,7 @@ Verdicts come from the one rule in :mod:`optiscope.metrics.verdicts`; :meth:`Cla
 :class:`~optiscope.metrics.verdicts.Verdict`. A claim that does not reproduce is reported with ``holds=False``,
 never tuned away.
 
-Preset tiers (DESIGN.md): ``quick`` (CPU, minutes: does it run), ``medium`` (optional; <= 20 minutes on 2 CPU cores,
+Preset tiers: ``quick`` (CPU, minutes: does it run), ``medium`` (optional; <= 20 minutes on 2 CPU cores,
 designed so that the claim could fail) and ``full`` (paper scale). ``quick`` and ``full`` are required.
 """
 
