@@ -382,3 +382,22 @@ def test_probe_cost_is_stated_once_and_warned_when_expensive(tmp_path):
     tr.close()
     entry = RunStore.open(tmp_path / "cost").read_manifest()["runs"]["run"]
     assert "probes cost" in entry["probe_cost"] and entry["probe_seconds"] > entry["train_seconds"]
+
+
+def test_batches_of_different_lengths_and_config_yaml(tmp_path):
+    """Probe batches padded to different lengths (as a collator makes them) are kept apart, never concatenated."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 11, (4, 5), generator=g), torch.randint(0, 11, (3, 7), generator=g)
+    batches = [({"input_ids": x, "attention_mask": torch.ones(x.shape, dtype=DT)}, torch.roll(x, -1, 1)) for x in (a, b)]
+    model = DictModel()
+    tr = Tracker(model, lm_loss, batches, probes=["loss", "r_med:per_layer=5"], store=tmp_path / "s")
+    out = tr.step(0)
+    expect = sum(float(lm_loss(model(**x), t)) * len(t) for x, t in batches) / 7
+    assert out["loss"] == pytest.approx(expect, rel=1e-12)
+    tr.close()
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "s" / "config.yaml").read_text())
+    assert cfg["probes"][0] == "loss:on=probe" and cfg["probes"][1].startswith("r_med:per_layer=5,delta=0.0")
+    with pytest.raises(ValueError, match="on='train': the tracker knows only its probe data"):
+        Tracker(model, lm_loss, batches, probes=["loss:on=train"])

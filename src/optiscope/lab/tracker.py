@@ -57,6 +57,8 @@ from torch import nn
 
 from optiscope.lab.conventions import state_convention
 from optiscope.lab.probes import (
+    AccuracyProbe,
+    LossProbe,
     ProbeState,
     make_probe,
     make_probes,
@@ -120,6 +122,14 @@ def _rows(result: Mapping[str, Any], run: str, optimizer: str, step: int, arrays
     from optiscope.lab.run import _rows_from
 
     return _rows_from(result, run, optimizer, step, arrays)
+
+
+def _probe_spec(probe: Any) -> str:
+    """``name:key=value,...`` from a probe's public options (for config.yaml)."""
+    opts = {k: v for k, v in vars(probe).items() if not k.startswith("_")} if hasattr(probe, "__dict__") else {}
+    opts = {k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None), list, tuple))}
+    kw = ",".join(f"{k}={v}" for k, v in opts.items())
+    return probe_name(probe) + (f":{kw}" if kw else "")
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
@@ -208,11 +218,17 @@ class Tracker:
             for i, b in enumerate(eval_batches):
                 check_same_device(model, b, f"eval_data batch {i}")
             eval_data = eval_batches
-        self.problem = Problem(model, loss_fn, train=batches, probe_batch=batches if len(batches) > 1 else batches[0],
-                               eval=eval_data, task=task, layers=layers, name=self.name)
+        # the tracker has no training set of its own: train is the first probe batch (never concatenated, so
+        # batches padded to different lengths are fine); loss and accuracy are taken on all the probe data
+        self.problem = Problem(model, loss_fn, train=batches[0], probe_batch=batches if len(batches) > 1
+                               else batches[0], eval=eval_data, task=task, layers=layers, name=self.name)
         self._check_loss(batches[0])
         items = split_probe_specs(probes) if isinstance(probes, str) else list(probes)
         self.probes = make_probes([self._on_probe_data(p) for p in items])
+        for p in self.probes:
+            if isinstance(p, (LossProbe, AccuracyProbe)) and p.on == "train":
+                raise ValueError(f"probe {probe_name(p)!r} with on='train': the tracker knows only its probe data; "
+                                 f"use {probe_name(p)!r} (measured on all of it)")
         self.loggers = [lg if hasattr(lg, "log_metrics") else _CallableLogger(lg) if callable(lg) else
                         self._bad_logger(lg) for lg in loggers]
         self.notes: list[str] = []
@@ -293,8 +309,7 @@ class Tracker:
             st.update_manifest(kind="tracker")
         if not st.path("config.yaml").exists():
             st.write_config({"kind": "tracker", "run": self.name, "every": self.every, "at": self.at,
-                             "probes": [repr(p) if not callable(p) or hasattr(p, "name") else probe_name(p)
-                                        for p in self.probes], "seed": self.seed, "mode": self.mode,
+                             "probes": [_probe_spec(p) for p in self.probes], "seed": self.seed, "mode": self.mode,
                              "n_probe_samples": int(sum(len(y) for _, y in self.problem.probe_batches))})
         st.set_status("running")
         st.update_run(self.name, status="running", every=self.every,
