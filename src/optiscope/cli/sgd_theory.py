@@ -234,4 +234,6 @@ def register(app: typer.Typer) -> None:
         if adv:
             table.add_row("advice (lr, momentum)", f"{adv.lr:.4g}, {adv.momentum:g} -> loss {adv.loss:.4g}"
                           + (" (coarsened spectrum)" if adv.approximated else ""))
-        con.print(table)
+        from optiscope.cli import _output
+
+        _output.print_table(table, file=con.file)  # boxed on a terminal, plain text when piped
