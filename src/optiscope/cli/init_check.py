@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from optiscope.cli import _output
 from optiscope.cli._common import check_device, fail
 from optiscope.utils.progress import set_quiet
 
@@ -135,7 +136,7 @@ def register(app: typer.Typer) -> None:
                     row.append("" if r.empty else f"{_fmt(float(r['median'].iloc[0]))} "
                                                   f"[{_fmt(float(r['q25'].iloc[0]))}, {_fmt(float(r['q75'].iloc[0]))}]")
                 table.add_row(*row)
-            console.print(table)
+            _output.print_table(table, file=console.file)  # boxed on a terminal, plain text when piped
             v = van[van["width"] == w].iloc[0]
             verdict = "[bold red]VANISHING[/]" if v["vanishing"] else "[green]no exponential vanishing[/]"
             console.print(f"width {w}: median gradient norm changes by x{v['ratio_deepest_to_shallowest']:.3g} from "
