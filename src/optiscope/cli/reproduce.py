@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from optiscope.cli import _output
 from optiscope.cli._common import fail
 
 console = Console(soft_wrap=True)
@@ -252,7 +253,7 @@ def register(app: typer.Typer) -> None:
             table.add_column(c)
         for _, row in s.iterrows():
             table.add_row(*[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in show])
-        console.print(table)
+        _output.print_table(table, file=console.file)
         console.print(f"table: {res.out / 'sweep.parquet'}\nsummary: {res.out / 'summary.csv'}")
         failed = [k for k, v in res.status.items() if v.get("status") == "failed"]
         if failed:
@@ -281,4 +282,4 @@ def show_side_by_side(run_dirs: list[Path], as_json: bool = False) -> None:
         table.add_column(str(c), overflow="fold")
     for key, row in df.iterrows():
         table.add_row(str(key), *[str(v) for v in row])
-    console.print(table)
+    _output.print_table(table, file=console.file)
