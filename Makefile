@@ -56,7 +56,8 @@ test-all: setup data browser
 	$(PY) -m pytest -m ""
 
 bench: setup data
-	@$(PIP) install -q -e '.[bench]' || echo "warning: some benchmark baselines failed to install; they will be skipped"
+	@# -c: the baselines must not replace the pinned torch (a naive install pulls a multi-GB CUDA build)
+	@$(PIP) install -q -c constraints/torch.txt -e '.[bench]' || echo "warning: some benchmark baselines failed to install; they will be skipped"
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 # API reference (HTML, from the docstrings) into docs/api/ (not committed; open docs/api/index.html).

@@ -12,7 +12,7 @@ d_model=64 transformer (64x32 tokens), BatchNorm ResNet in train mode (32x32, ba
 4. SLQ at equal HVPs: ``Hessian.density`` vs PyHessian's ``density()``.
 5. Peak memory of 10 HVPs per library, each in its own subprocess (RSS, or CUDA peak allocation).
 6. Each library's HVP against central finite differences of the gradient (float64).
-7. Diagonal sections from ``benchmarks/_bench_diagonal.py`` when that module exists (``run(problems, report)``).
+7. The exact-diagonal sections of ``benchmarks/_bench_diagonal.py`` when that module exists (its own section).
 
 Ratios are measured in one process, interleaved (round robin over the contestants), medians over repeats, with
 torch on 1 thread (``--threads``); the load average is recorded. A library that is not importable is skipped with
@@ -158,10 +158,11 @@ def gradient_fn(P: BenchProblem) -> Callable[[], Any]:
     return lambda: torch.autograd.grad(P.loss(model), params)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeat: int, device: str) -> dict[str, float]:
-    """Median wall time per contestant, timed round robin (one warm-up call each)."""
+def interleaved(fns: dict[str, Callable[[], Any]], repeat: int, device: str, warmup: int = 1) -> dict[str, float]:
+    """Median wall time per contestant, timed round robin (``warmup`` untimed calls each first)."""
     for f in fns.values():
-        f()
+        for _ in range(warmup):
+            f()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
         for k, f in fns.items():
@@ -327,6 +328,14 @@ def bench_trace(P: BenchProblem, libs: list[str], seeds: int) -> dict:
                     def _adjoint(self):
                         return self
 
+                    @property
+                    def device(self):
+                        return H.device
+
+                    @property
+                    def dtype(self):
+                        return H.dtype
+
                 op = Op()
                 for name, fn in (("hutchinson", cl.hutchinson_trace), ("hutch++", cl.hutchpp_trace),
                                  ("xtrace", cl.xtrace)):
@@ -404,7 +413,7 @@ def bench_slq(P: BenchProblem, libs: list[str], n_v: int, m: int, repeat: int, d
             skipped["eigenthings"] = first_line(e)
     t = {}
     try:
-        t = interleaved(fns, repeat, device)
+        t = interleaved(fns, repeat, device, warmup=0)
     except Exception as e:
         skipped["slq"] = first_line(e)
     log(f"  slq {P.name}: {t} {skipped}")
@@ -625,6 +634,8 @@ def main() -> None:
     ap.add_argument("--slq-steps", type=int, default=80)
     ap.add_argument("--slq-repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and seeds (a smoke run)")
+    for sec in ("eig", "trace", "slq", "memory", "fd"):
+        ap.add_argument(f"--{sec}-problems", default=None, help=f"problems for the {sec} section (default: all)")
     ap.add_argument("--section-name", default=None)
     ap.add_argument("--json", default=None, help="also write the raw results here")
     ap.add_argument("--no-write", action="store_true")
@@ -656,32 +667,36 @@ def main() -> None:
     built = {p: build(p, args.device) for p in problems}
     res["descriptions"] = {p: P.description for p, P in built.items()}
     other = [lb for lb in libs if lb not in ("optiscope", "optiscope-old", "graph-reuse")]
+
+    def wanted(sec: str, p: str) -> bool:
+        chosen = getattr(args, f"{sec}_problems")
+        return sec in sections and (chosen is None or p in chosen.split(","))
+
     for p, P in built.items():
         log(f"== {p}: {P.description}")
         if "hvp" in sections:
             res.setdefault("hvp", {})[p] = bench_hvp(P, libs, old, args.repeat, args.device)
-        if "eig" in sections:
+        if wanted("eig", p):
             res.setdefault("eig", {})[p] = bench_eigen(P, other, args.device)
-        if "trace" in sections and p != "transformer":
+        if wanted("trace", p) and p != "transformer":
             res.setdefault("trace", {})[p] = bench_trace(P, other, args.trace_seeds)
-        if "slq" in sections:
+        if wanted("slq", p):
             res.setdefault("slq", {})[p] = bench_slq(P, other, args.slq_probes, args.slq_steps, args.slq_repeat,
                                                      args.device)
-    if "trace" in sections and "transformer" in problems:
+    if wanted("trace", "transformer") and "transformer" in problems:
         res.setdefault("trace", {})["transformer"] = {
             "skipped": "no structured exact diagonal for attention, and 142k HVP columns are out of budget here"}
     if "memory" in sections:
-        res["memory"] = {p: bench_memory(p, ["gradient"] + libs, args.device, args.old) for p in problems}
+        res["memory"] = {p: bench_memory(p, ["gradient"] + libs, args.device, args.old) for p in problems
+                         if wanted("memory", p)}
     if "fd" in sections and not args.device.startswith("cuda"):
-        res["fd"] = {p: bench_fd(p, libs, old) for p in problems}
+        res["fd"] = {p: bench_fd(p, libs, old) for p in problems if wanted("fd", p)}
     if "diagonal" in sections and (HERE / "_bench_diagonal.py").exists():
-        try:
+        try:  # its own section of docs/benchmarks.md (``run(report, quick)``; report(name, markdown))
             diag = importlib.import_module("_bench_diagonal")
-            extra: list[str] = []
-            diag.run(built, extra.append)
-            res["extra_sections"] = extra
+            diag.run(report=(lambda name, md: log(md)) if args.no_write else None, quick=args.quick)
         except Exception as e:
-            res["extra_sections"] = [f"Diagonal sections failed: {first_line(e)}"]
+            res["extra_sections"] = [f"Diagonal sections (`benchmarks/_bench_diagonal.py`) failed: {first_line(e)}"]
     res["load_end"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
