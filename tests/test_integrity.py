@@ -372,7 +372,7 @@ def test_sigkill_at_random_moments_then_resume_is_identical(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     clean = tmp_path / "clean"
     run_compare(CFG, clean)
-    identical = 0
+    identical = killed = 0
     for i in range(n):
         d = tmp_path / f"k{i}"
         proc = subprocess.Popen([sys.executable, "-m", "optiscope.cli.main", "compare", "--config",
@@ -384,11 +384,13 @@ def test_sigkill_at_random_moments_then_resume_is_identical(tmp_path):
         time.sleep(rng.uniform(0.0, 2.5))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
+            killed += 1
         proc.wait()
         r = invoke("resume", d, "--quiet")
         assert r.exit_code == 0, r.output
         if frame(d).equals(frame(clean)):
             identical += 1
+    print(f"\nSIGKILL + resume: {identical} of {n} identical ({killed} killed mid-run)")
     assert identical == n, f"{identical} of {n} identical"
 
 

@@ -166,6 +166,18 @@ def _check_checkpoint_hashes(store: RunStore, expected: str) -> None:
                          "restore it or start a new run in another directory")
 
 
+def _started_but_empty(store: RunStore, data: dict) -> bool:
+    """A directory where this same comparison was started but nothing was measured (killed before its first
+    checkpoint): starting it again loses nothing."""
+    try:
+        if config_differences(store.read_config(), data) or (store.read_manifest().get("runs") or {}):
+            return False
+    except StoreError:
+        return False
+    has_ck = store.path("checkpoints").is_dir() and any(store.path("checkpoints").iterdir())
+    return not (store.path("metrics.parquet").exists() or store.metric_parts() or has_ck)
+
+
 def run_compare(cfg: CompareConfig, store: RunStore | str | Path, resume: bool = False, force: bool = False,
                 keep_checkpoints: int | None = None) -> CompareResult:
     """Run (or resume) a comparison into ``store``: writes config.yaml (``kind: compare``), manifest, metrics,
@@ -191,7 +203,7 @@ def run_compare(cfg: CompareConfig, store: RunStore | str | Path, resume: bool =
                                      f"hash of {store.path('config.yaml')} again (checked against the checkpoints)")
                 store.update_manifest(config_hash=config_hash(data), config=data)
         else:
-            if store.holds_run():
+            if store.holds_run() and not _started_but_empty(store, data):
                 if not force:
                     try:
                         m = store.read_manifest()
