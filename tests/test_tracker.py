@@ -401,3 +401,13 @@ def test_batches_of_different_lengths_and_config_yaml(tmp_path):
     assert cfg["probes"][0] == "loss:on=probe" and cfg["probes"][1].startswith("r_med:per_layer=5,delta=0.0")
     with pytest.raises(ValueError, match="on='train': the tracker knows only its probe data"):
         Tracker(model, lm_loss, batches, probes=["loss:on=train"])
+
+
+def test_optional_cost_estimate_before_the_first_checkpoint(tmp_path, capsys):
+    X, y = data()
+    tr = Tracker(mlp(), F.cross_entropy, (X, y), probes=["sharpness:max_iter=30", "r_med:per_layer=5"],
+                 store=tmp_path / "b", estimate_cost=True)
+    assert tr.budget.hvps["sharpness"] == 30 and tr.budget.seconds_per_hvp > 0
+    assert "HVPs per checkpoint" in capsys.readouterr().err
+    tr.close()
+    assert "HVPs per checkpoint" in RunStore.open(tmp_path / "b").read_manifest()["runs"]["run"]["probe_budget"]

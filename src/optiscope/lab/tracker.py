@@ -46,6 +46,7 @@ checkpoints a call costs a comparison (and one parameter copy on the step before
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -184,6 +185,10 @@ class Tracker:
         As for :class:`optiscope.lab.Problem`.
     loggers
         Objects with ``log_metrics(step, metrics)`` or callables ``fn(step, metrics)``.
+    estimate_cost
+        Estimate the probes' cost at construction (:func:`optiscope.lab.probes.probe_budget`: HVPs per checkpoint,
+        an upper bound for iterative probes, and one timed HVP), printed to stderr and recorded in the manifest as
+        ``probe_budget``. Either way, the cost actually measured is stated at the second checkpoint.
     resume
         Continue a run of the same ``name`` already in ``store``: the first :meth:`step` drops its rows at and after
         that step (a training loop restarted from its own checkpoint). Without it such a store is refused.
@@ -193,7 +198,8 @@ class Tracker:
                  probes: Any = ("loss", "sharpness"), every: int = 50, store: Any = None, *, name: str = "run",
                  optimizer_name: str | None = None, at: Iterable[int] = (), seed: int = 0, mode: str = "as_is",
                  layers: Mapping[str, Sequence[str]] | None = None, task: str = "classification",
-                 eval_data: Any = None, loggers: Iterable[Any] = (), resume: bool = False):
+                 eval_data: Any = None, loggers: Iterable[Any] = (), resume: bool = False,
+                 estimate_cost: bool = False):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -256,9 +262,28 @@ class Tracker:
             self._note(f"train-mode randomness is active in the probed model ({', '.join(randomness[:4])}"
                        f"{' ...' if len(randomness) > 4 else ''}): each checkpoint's loss and Hessian use one frozen "
                        "dropout mask (one random sub-network); pass mode='eval' to measure the deterministic model")
+        self.budget = self._estimate_cost(estimate_cost)
         self.store = self._open_store(store, resume)
+        if self.store is not None and self.budget is not None:
+            self.store.update_run(self.name, probe_budget=self.budget.summary())
 
-    # -- construction helpers -------------------------------------------------------------------------
+    # -- construction helpers
+    def _estimate_cost(self, estimate: bool):
+        """HVPs per checkpoint and seconds from one timed HVP (``lab.probes.probe_budget``), printed to stderr."""
+        if not estimate:
+            return None
+        try:
+            from optiscope.lab.probes import probe_budget
+        except ImportError:  # pragma: no cover - an older lab without the estimate
+            return None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="train-mode randomness is active")
+            with self._rng_guard(), self._measuring_mode():
+                budget = probe_budget(self.probes, self.problem, n_checkpoints=1)
+        print(f"optiscope Tracker: {budget.summary()}", file=sys.stderr)
+        return budget
+
+    # -- helpers -------------------------------------------------------------------------
     @staticmethod
     def _bad_logger(lg: Any):
         raise ValueError(f"logger {lg!r} has no log_metrics(step, metrics) method and is not callable")
