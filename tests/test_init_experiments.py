@@ -61,6 +61,7 @@ def _run(name, tmp_path, overrides):
     assert res["experiment"] == name and res["claims"]
     for c in res["claims"]:
         assert set(c) == {"id", "claim", "paper", "measured", "holds", "reason", "tier"}
+        assert c["reason"], c["id"]   # every verdict says why
     assert list((tmp_path / name / "figures").glob("*.png"))
     return res, store
 

@@ -19,15 +19,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
 
+from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.store import RunStore
-from optiscope.theory.deep_linear import (apply_preconditioner, balanced_factors, balancedness, end_to_end_matrix,
-                                          end_to_end_step, preconditioner_eigenvalues, preconditioner_kronecker,
-                                          singular_value_velocity)
+from optiscope.metrics.verdicts import direction_claim, tolerance_claim
+from optiscope.theory.deep_linear import (
+    apply_preconditioner,
+    balanced_factors,
+    balancedness,
+    end_to_end_matrix,
+    end_to_end_step,
+    preconditioner_eigenvalues,
+    preconditioner_kronecker,
+    singular_value_velocity,
+)
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
 from optiscope.utils.progress import progress_task
@@ -211,33 +221,38 @@ def run(config: DeepLinearDynamicsConfig, store: RunStore) -> Result:
         paper="seed 003 Eq. (1); spec: factor-GD one-step change matches to 3.1e-6 (finite-difference error)",
         measured={"relative_error_at_lr_min": formula_small,
                   "error_ratio_between_two_smallest_lrs": order, "lr_ratio": hi / lo},
-        holds=max(formula_small.values()) < 1e-3 and all(0.5 * hi / lo < o < 2 * hi / lo for o in deep_orders)))
+        **_v(all_of([tolerance_claim(max(formula_small.values()), 0.0, abs_tol=1e-3)]
+                    + [tolerance_claim(o, hi / lo, rel_tol=0.5) for o in deep_orders],
+                    ["relative error at the smallest lr"]
+                    + [f"error ratio (depth-{d}) vs lr ratio (O(eta^2) error)" for d in order if d >= 2]))))
     plain = {os_["depth"]: os_["plain_gd_error"][lo] for os_ in one_step}
     claims.append(Claim(
         "plain_gd_is_wrong_for_depth",
         "For depth >= 2 the end-to-end step is not plain GD on W_e (relative mismatch O(1))",
         paper="depth acts as a preconditioner promoting movement in directions already taken",
-        measured=plain, holds=all(v > 0.1 for d, v in plain.items() if d >= 2) if any(
-            d >= 2 for d in plain) else None))
+        measured=plain,
+        **_v(all_of([direction_claim((v, v), null=0.1, direction="greater") for d, v in plain.items() if d >= 2],
+                    [f"depth {d} mismatch" for d in plain if d >= 2]))))
     eig = {os_["depth"]: os_["eigenvalue_error"] for os_ in one_step}
     claims.append(Claim(
         "preconditioner_eigenvalues",
         "Eigenvalues of P_{W_e} = sum_j sigma_r^{2(j-1)/N} sigma_r'^{2(N-j)/N} (from the SVD)",
-        paper="exact (spec 4j-1 Claim 1)", measured=eig, holds=max(eig.values()) < 1e-9))
+        paper="exact (Arora et al. 2018, Claim 1)", measured=eig,
+        **_v(tolerance_claim(max(eig.values()), 0.0, abs_tol=1e-9))))
     vel = {tr["depth"]: (float(np.median(tr["velocity_error"])) if tr["velocity_error"] else None) for tr in trajs}
     vel_vals = [v for v in vel.values() if v is not None]
     claims.append(Claim(
         "singular_value_velocity",
         "Measured d sigma_r/dt along GD matches -N sigma_r^{2-2/N} <grad l, u_r v_r^T> (median relative error)",
         paper="ACHL 2019 Thm. 3 (spec 4j-1)", measured=vel,
-        holds=None if not vel_vals else max(vel_vals) < 0.05))
+        **_v(tolerance_claim(max(vel_vals) if vel_vals else float("nan"), 0.0, abs_tol=0.05,
+                             premises=[(bool(vel_vals), "no singular value moved enough to measure its velocity")]))))
     spread = {}
     for tr in trajs:
         la = tr["learned_at"]
         spread[tr["depth"]] = (float(math.log(max(la[-1], 1) / max(la[0], 1)))
                                if all(x is not None for x in la) else None)
     ordered = [spread[d] for d in sorted(spread)]
-    monotone = all(a is not None and b is not None and b > a for a, b in zip(ordered, ordered[1:]))
     claims.append(Claim(
         "large_singular_values_move_faster",
         "With depth, singular values are learned increasingly one after another, largest first: "
@@ -245,7 +260,12 @@ def run(config: DeepLinearDynamicsConfig, store: RunStore) -> Result:
         paper="for deeper nets large singular values move faster and small ones stay small (low-rank bias)",
         measured={"log_learning_time_spread": spread,
                   "learned_at": {tr["depth"]: tr["learned_at"] for tr in trajs}},
-        holds=monotone if None not in ordered else False))
+        **_v(all_of([direction_claim(((b - a) if a is not None and b is not None else float("nan"),) * 2,
+                                     null=0.0, direction="greater",
+                                     premises=[(a is not None and b is not None,
+                                                "a singular value was not learned within the run")])
+                     for a, b in pairwise(ordered)],
+                    [f"spread depth {d2} - depth {d1}" for d1, d2 in pairwise(sorted(spread))]))))
     return Result(claims=claims, metrics={
         "one_step": [{**o, "formula_error": {str(k): v for k, v in o["formula_error"].items()},
                       "plain_gd_error": {str(k): v for k, v in o["plain_gd_error"].items()}} for o in one_step],
@@ -276,3 +296,8 @@ def _plot(config, one_step, trajs, store) -> None:
         ax.set_xlabel("time (steps x lr)")
     axes[0][0].set_ylabel("singular values of W_e")
     store.save_figure(fig, "singular_value_dynamics")
+
+
+def _v(verdict) -> dict:
+    """A verdict as the ``holds``/``reason`` keyword arguments of :class:`Claim`."""
+    return {"holds": verdict.holds, "reason": verdict.reason}

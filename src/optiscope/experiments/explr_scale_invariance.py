@@ -24,10 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.experiments.explr_equivalence import ExpLRConfig, build_bn_mlp, load_data
 from optiscope.lab.scale_invariance import scale_invariance_report
 from optiscope.lab.store import RunStore
+from optiscope.metrics.verdicts import check_premises, direction_claim, tolerance_claim
 from optiscope.optim import SGD
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
@@ -151,29 +153,33 @@ def run(config: ScaleInvarianceConfig, store: RunStore) -> Result:
               "layer and BN affine parameters are not)",
               paper="L(c theta) = L(theta) for weights followed by normalisation",
               measured={str(t): sorted(s) for t, s in measured_sets.items()},
-              holds=all(s == expected for s in measured_sets.values())),
+              **_v(direction_claim((sum(s != expected for s in measured_sets.values()),) * 2, null=0.5,
+                                   direction="less"))),
         Claim("grad_orthogonal_to_weights",
               f"<grad_g L, theta_g> = 0 per invariant group: max |cos| over groups ({config.dtype}, BN eps "
               f"{config.bn_eps:g})",
               paper=0.0, measured={str(t): v for t, v in cos.items()},
-              holds=all(v <= config.tol for v in cos.values())),
+              **_v(tolerance_claim(max(cos.values()), 0.0, abs_tol=config.tol))),
         Claim("grad_scales_inverse",
               "grad L(c theta_g) = grad L(theta_g) / c: max relative error over groups and c in "
               f"{list(config.scales)}",
               paper=0.0, measured={str(t): v for t, v in ratio.items()},
-              holds=all(v <= config.tol for v in ratio.values())),
+              **_v(tolerance_claim(max(ratio.values()), 0.0, abs_tol=config.tol))),
         Claim("norm_increases",
               "Plain GD, no decay: ||theta_{t+1}||^2 = ||theta_t||^2 + eta^2 ||g_t||^2 per invariant group, so the "
               "norm never decreases",
               paper="|theta| is increasing (orthogonality of gradient and weights)",
               measured={"max_rel_error_of_identity": norm_identity_err, "decreasing_steps": norm_decreases},
-              holds=norm_identity_err <= config.tol and norm_decreases == 0),
+              **_v(all_of([tolerance_claim(norm_identity_err, 0.0, abs_tol=config.tol),
+                           tolerance_claim(norm_decreases, 0.0, abs_tol=0.0)],
+                          ["identity error", "steps where the norm decreased"]))),
         Claim("usual_bn_eps_is_approximate",
               f"With BatchNorm's usual eps = {config.usual_bn_eps:g} the lemma holds only approximately (max |cos| "
               "and gradient-ratio error on the BN-fed weights)",
               paper="exact only for exactly scale-invariant losses (spec caveat)",
               measured={"max_abs_cos": usual_cos, "max_grad_ratio_error": usual_ratio},
-              holds=None),
+              **_v(check_premises([(False, ("descriptive: the size of the deviation is reported, there is "
+                                            "no threshold to judge it against"))]))),
     ]
     return Result(claims=claims, metrics={
         "diverged_at": diverged_at, "expected_invariant": sorted(expected), "smallest_loss_change_of_non_invariant": non_inv_change,
@@ -199,3 +205,8 @@ def _plot(config, reports, usual_reports, expected, store) -> None:
     axes[1].set_xscale("log")
     axes[1].set_title(f"relative loss change under rescaling (step {ts[-1]}; green: invariant)")
     store.save_figure(fig, "scale_invariance")
+
+
+def _v(verdict) -> dict:
+    """A verdict as the ``holds``/``reason`` keyword arguments of :class:`Claim`."""
+    return {"holds": verdict.holds, "reason": verdict.reason}

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.init_check import InitCheckConfig, init_check, limit_threads, model_factory
 from optiscope.lab.store import RunStore
+from optiscope.metrics.verdicts import direction_claim
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
 
@@ -185,23 +187,35 @@ def _run(config: ArchInitConfig, store: RunStore) -> Result:
               f"vanishing (depth {dmin} -> {dmax})",
               paper="Fig. 17: residual + BN restore non-vanishing gradients/curvature",
               measured={k: round(v["grad_drop"], 4) for k, v in mlp.items()},
-              holds=bool(mlp["residual+batchnorm"]["grad_drop"] > 0.1 and
-                         mlp["residual+batchnorm"]["grad_drop"] > 10 * mlp["plain"]["grad_drop"])),
+              **_v(all_of([direction_claim((mlp["residual+batchnorm"]["grad_drop"],) * 2, null=0.1,
+                                           direction="greater"),
+                           direction_claim((mlp["residual+batchnorm"]["grad_drop"] - 10 * mlp["plain"]["grad_drop"],)
+                                           * 2, null=0.0, direction="greater")],
+                          ["residual+BN grad drop vs 0.1", "residual+BN drop - 10 x plain drop"]))),
         Claim("fcn_narrow_vanishes", "a narrow FCN (fixed channels) loses gradient magnitude with depth faster than one "
               "whose channels grow with depth",
               paper="Fig. 6: vanish when depth grows faster than width",
               measured={k: round(v["grad_drop"], 4) for k, v in fcn.items()},
-              holds=bool(fcn["fixed/zeros"]["grad_drop"] < fcn["growing/zeros"]["grad_drop"])),
+              **_v(direction_claim((fcn["fixed/zeros"]["grad_drop"] - fcn["growing/zeros"]["grad_drop"],) * 2,
+                                   null=0.0, direction="less"))),
         Claim("fcn_circular_padding", "at small resolution, circular padding vanishes less than zero padding when "
               "channels grow with depth",
               paper="Fig. 6 bottom right: circular padding circumvents the zero-padding effect",
               measured=f"growing/zeros {fcn['growing/zeros']['grad_drop']:.3g} vs growing/circular "
                        f"{fcn['growing/circular']['grad_drop']:.3g}",
-              holds=bool(fcn["growing/circular"]["grad_drop"] > fcn["growing/zeros"]["grad_drop"])),
+              **_v(direction_claim((fcn["growing/circular"]["grad_drop"] - fcn["growing/zeros"]["grad_drop"],) * 2,
+                                   null=0.0, direction="greater"))),
         Claim("stripped_resnet_vanishes", "a stripped ResNet (no BN, no skips) vanishes with depth; BN + residual "
               "does not",
               paper="Fig. 7 / 19: stripped ResNets vanish; only BN + residual together are stable",
               measured={k: round(v["grad_drop"], 4) for k, v in resnet.items()},
-              holds=bool(resnet["stripped"]["grad_drop"] < 0.1 and resnet["bn+residual"]["grad_drop"] > 0.1)),
+              **_v(all_of([direction_claim((resnet["stripped"]["grad_drop"],) * 2, null=0.1, direction="less"),
+                           direction_claim((resnet["bn+residual"]["grad_drop"],) * 2, null=0.1, direction="greater")],
+                          ["stripped grad drop vs 0.1", "BN+residual grad drop vs 0.1"]))),
     ]
     return Result(claims=claims, metrics=metrics)
+
+
+def _v(verdict) -> dict:
+    """A verdict as the ``holds``/``reason`` keyword arguments of :class:`Claim`."""
+    return {"holds": verdict.holds, "reason": verdict.reason}

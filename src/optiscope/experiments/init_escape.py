@@ -28,9 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.init_check import limit_threads
 from optiscope.lab.store import RunStore
+from optiscope.metrics.verdicts import check_premises, direction_claim, tolerance_claim
 from optiscope.optim import SGD, RMSProp
 from optiscope.theory.init import (
     chain_gf_escape_time,
@@ -257,7 +259,10 @@ def _run(config: EscapeConfig, store: RunStore) -> Result:
                         paper="Fig. 3: RMSprop needs a number of iterations independent of depth",
                         measured={f"lr={lr:g}": (round(s, 3) if math.isfinite(s) else "did not escape")
                                   for lr, s in spreads.items()},
-                        holds=bool(all(s <= config.spread_limit for s in spreads.values()))))
+                        **_v(all_of([direction_claim((s, s), null=config.spread_limit, direction="less", premises=[(
+                            math.isfinite(s), (f"RMSprop (lr={lr:g}) did not escape at some depth within {cap} "
+                                               "iterations"))]) for lr, s in spreads.items()],
+                            [f"lr={lr:g} spread" for lr in spreads]))))
     g_lo, g_hi = best_gd[lo], best_gd[hi]
     growth = g_hi / g_lo if math.isfinite(g_lo) else math.nan
     growth_text = (f">= {cap / g_lo:.3g}x (depth {hi} did not escape within {cap} iterations)" if math.isinf(g_hi)
@@ -267,15 +272,18 @@ def _run(config: EscapeConfig, store: RunStore) -> Result:
                         paper="Prop. 7: escape time exponential in depth",
                         measured=f"depth {lo}: {g_lo:g}; depth {hi}: "
                                  f"{'> ' + str(cap) if math.isinf(g_hi) else g_hi}; growth {growth_text}",
-                        holds=(None if math.isfinite(g_lo) and math.isinf(g_hi) and cap / g_lo < config.growth_min
-                               else bool(math.isfinite(g_lo) and (cap / g_lo >= config.growth_min if math.isinf(g_hi)
-                                                                  else growth >= config.growth_min)))))
+                        **_v(_gd_growth_verdict(g_lo, g_hi, cap, config.growth_min, lo, hi))))
     ratio = {L: (best_pgd[L] / best_rms[L] if math.isfinite(best_rms[L]) else math.nan) for L in depths}
     claims.append(Claim("pgd_slower", "perturbed GD (best noise level) is >= 10x slower than RMSprop at every depth",
                         paper="Fig. 23-25: noise helps GD but it stays orders of magnitude slower than RMSprop",
                         measured={L: ("PGD did not escape" if math.isinf(best_pgd[L]) else round(r, 2))
                                   for L, r in ratio.items()},
-                        holds=bool(all(math.isinf(best_pgd[L]) or r >= 10 for L, r in ratio.items()))))
+                        **_v(all_of([direction_claim(((best_pgd[L] if math.isfinite(best_pgd[L]) else cap)
+                                                      / best_rms[L],) * 2, null=10.0, direction="greater",
+                                                     premises=[(math.isfinite(best_rms[L]),
+                                                                f"RMSprop did not escape at depth {L}")])
+                                     for L in depths], [f"depth {L} PGD/RMSprop (cap if PGD did not escape)"
+                                                        for L in depths]))))
     gd_lr_small = config.gd_lrs[0]
     g_meas = table[f"gd:lr={gd_lr_small:g}"].get(lo)
     pred = theory_gd[lo] / gd_lr_small
@@ -283,8 +291,14 @@ def _run(config: EscapeConfig, store: RunStore) -> Result:
                         "(Eq. (3) bound is a lower bound)",
                         paper="Prop. 7 / Eq. (3)",
                         measured=f"measured {g_meas}, flow/lr {pred:.4g}, Eq.(3) bound/lr {lower_gd[lo] / gd_lr_small:.4g}",
-                        holds=None if g_meas is None else bool(abs(g_meas / pred - 1) < 0.1 and
-                                                               g_meas >= 0.9 * lower_gd[lo] / gd_lr_small)))
+                        **_v(all_of([tolerance_claim(g_meas if g_meas is not None else float("nan"), pred,
+                                                     rel_tol=0.1, premises=[(g_meas is not None,
+                                                                             f"GD did not escape at depth {lo}")]),
+                                     direction_claim(((g_meas or 0) - 0.9 * lower_gd[lo] / gd_lr_small,) * 2,
+                                                     null=0.0, direction="greater",
+                                                     premises=[(g_meas is not None,
+                                                                f"GD did not escape at depth {lo}")])],
+                                    ["iterations vs flow time / lr", "Eq. (3) lower bound respected"]))))
     eps_key = f"rmsprop_eps{config.rmsprop_eps_check:g}:lr={config.rmsprop_lrs[0]:g}"
     metrics = {
         "escape_iterations": {k: {int(L): v for L, v in d.items()} for k, d in table.items()},
@@ -302,3 +316,22 @@ def _run(config: EscapeConfig, store: RunStore) -> Result:
         "max_iters": cap,
     }
     return Result(claims=claims, metrics=metrics)
+
+
+def _v(verdict) -> dict:
+    """A verdict as the ``holds``/``reason`` keyword arguments of :class:`Claim`."""
+    return {"holds": verdict.holds, "reason": verdict.reason}
+
+
+def _gd_growth_verdict(g_lo: float, g_hi: float, cap: int, growth_min: float, lo: int, hi: int):
+    """GD's escape-iteration growth from depth ``lo`` to ``hi`` against ``growth_min``; when depth ``hi`` did not
+    escape within ``cap`` iterations, ``cap / g_lo`` is a lower bound (decisive only if it already exceeds
+    ``growth_min``)."""
+    if not math.isfinite(g_lo):
+        return check_premises([(False, f"GD did not escape at depth {lo} within {cap} iterations")])
+    if math.isinf(g_hi):
+        lb = cap / g_lo
+        return direction_claim((lb, lb), null=growth_min, direction="greater", premises=[(
+            lb >= growth_min, (f"depth {hi} did not escape within {cap} iterations and the lower bound "
+                               f"{lb:.3g}x is below {growth_min:g}x: undecided"))])
+    return direction_claim((g_hi / g_lo,) * 2, null=growth_min, direction="greater")

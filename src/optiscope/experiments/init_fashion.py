@@ -20,6 +20,7 @@ from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab import Problem, compare
 from optiscope.lab.init_check import limit_threads
 from optiscope.lab.store import RunStore
+from optiscope.metrics.verdicts import direction_claim
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
 
@@ -126,8 +127,13 @@ def _run(config: FashionInitConfig, store: RunStore) -> Result:
                     f"{config.gap:.0%} training accuracy after {config.steps} steps",
                     paper="Fig. 5: SGD and momentum barely move from chance; RMSprop and Adam train",
                     measured={n: round(a, 4) for n, a in acc.items()},
-                    holds=bool(adaptive - plain >= config.gap))]
+                    **_v(direction_claim((adaptive - plain,) * 2, null=config.gap, direction="greater")))]
     metrics = {"final": final, "best": best,
                "best_accuracy": {n: {"lr_run": best[n], **final[best[n]]} for n in grids},
                "depth": config.depth, "width": config.width, "steps": config.steps}
     return Result(claims=claims, metrics=metrics)
+
+
+def _v(verdict) -> dict:
+    """A verdict as the ``holds``/``reason`` keyword arguments of :class:`Claim`."""
+    return {"holds": verdict.holds, "reason": verdict.reason}

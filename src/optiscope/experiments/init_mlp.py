@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from optiscope.curvature import Hessian
+from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.init_check import (
     InitCheckConfig,
@@ -38,6 +39,7 @@ from optiscope.lab.init_check import (
     teacher_batch,
 )
 from optiscope.lab.store import RunStore
+from optiscope.metrics.verdicts import direction_claim, tolerance_claim
 from optiscope.theory.init import layer_gain, lognormal_median, normalized_second_moment_growth
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
@@ -250,14 +252,19 @@ def _run(config: MLPInitConfig, store: RunStore) -> Result:
                         measured=f"log10 slope {he_v['log10_slope_per_layer']:.4f}/layer (p={he_v['p_value']:.2g}); "
                                  f"median x{he_v[f'median_at_depth{max(config.grad_depths)}'] / he_v['median_at_depth2']:.3g}"
                                  f" from depth 2 to {max(config.grad_depths)}",
-                        holds=bool(he_v["log10_slope_per_layer"] < 0 and he_v["p_value"] < 0.05)))
+                        **_v(all_of([direction_claim((he_v["log10_slope_per_layer"],) * 2, null=0.0, direction="less"),
+                                     direction_claim((he_v["p_value"],) * 2, null=0.05, direction="less")],
+                                    ["log10 slope per layer", "p-value of the slope"]))))
     lec = vdepth["relu/lecun_uniform"]
     claims.append(Claim("lecun_vanishing_depth", "LeCun init (ReLU) loses 3 orders of gradient magnitude by the depth "
                         "Thm. 10 predicts (gain 1/2 per layer)",
                         paper="gradients vanish as (c m sigma^2)^{L/2} for LeCun init",
                         measured=f"measured depth {lec['measured_depth']}, predicted {lec['predicted_expectation']:.1f}",
-                        holds=None if lec["measured_depth"] is None else
-                        bool(abs(lec["measured_depth"] - lec["predicted_expectation"]) <= 0.25 * lec["predicted_expectation"])))
+                        **_v(tolerance_claim(lec["measured_depth"] if lec["measured_depth"] is not None
+                                             else float("nan"), lec["predicted_expectation"], rel_tol=0.25,
+                                             premises=[(lec["measured_depth"] is not None,
+                                                        ("the gradient never lost 3 orders of magnitude within "
+                                                         "the depths sampled"))]))))
     sub = slopes["linear/torch"]
     ratio = sub["hess_diag_norm"] / sub["hess_offdiag_norm"] if sub["hess_offdiag_norm"] < 0 else math.nan
     claims.append(Claim("diag_twice_as_fast", "with a sub-critical init the Hessian diagonal blocks vanish twice as fast "
@@ -265,12 +272,13 @@ def _run(config: MLPInitConfig, store: RunStore) -> Result:
                         paper="Fig. 4 / 13: off-diagonal ~ (c m sigma^2)^{L/2}, diagonal ~ (c m sigma^2)^L",
                         measured=f"linear/torch-default: log10 slopes diag {sub['hess_diag_norm']:.3f}, off-diag "
                                  f"{sub['hess_offdiag_norm']:.3f}, ratio {ratio:.2f}",
-                        holds=bool(1.5 <= ratio <= 2.5) if not math.isnan(ratio) else False))
+                        **_v(tolerance_claim(ratio, 2.0, abs_tol=0.5, premises=[(
+                            not math.isnan(ratio), "the off-diagonal blocks do not vanish (slope >= 0)")]))))
     min_mixed = min(mixed.values())
     claims.append(Claim("mixed_sign", "the Hessian at init has eigenvalues of both signs",
                         paper="Fig. 12: positive and negative eigenvalues at init",
                         measured={k: round(v, 3) for k, v in mixed.items()},
-                        holds=bool(min_mixed >= 0.9)))
+                        **_v(direction_claim((min_mixed,) * 2, null=0.9 - 1e-12, direction="greater"))))
     ww = wide[wide["quantity"] == "grad_norm"].sort_values("depth")
     wide_drop = float(ww["median"].iloc[-1] / ww["median"].iloc[0])
     nn_ = he.medians("grad_norm", config.narrow_width)
@@ -280,5 +288,12 @@ def _run(config: MLPInitConfig, store: RunStore) -> Result:
                         paper="Fig. 1: vanish in narrow, stable in wide nets",
                         measured=f"median grad norm ratio depth {max(config.wide_depths)}/2: wide {wide_drop:.3g}, "
                                  f"narrow {narrow_drop:.3g}",
-                        holds=bool(wide_drop > narrow_drop and wide_drop > 0.1)))
+                        **_v(all_of([direction_claim((wide_drop - narrow_drop,) * 2, null=0.0, direction="greater"),
+                                     direction_claim((wide_drop,) * 2, null=0.1, direction="greater")],
+                                    ["wide drop - narrow drop", "wide drop vs 0.1"]))))
     return Result(claims=claims, metrics=metrics)
+
+
+def _v(verdict) -> dict:
+    """A verdict as the ``holds``/``reason`` keyword arguments of :class:`Claim`."""
+    return {"holds": verdict.holds, "reason": verdict.reason}
