@@ -153,7 +153,10 @@ def _cli(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
                             text=True, start_new_session=True, **kw)
 
 
-@pytest.mark.parametrize("address, max_seconds", [("127.0.0.1:1", 40), ("10.255.255.1:6379", 45)])
+@pytest.mark.parametrize("address, max_seconds", [
+    ("127.0.0.1:1", 40),  # refused at once
+    pytest.param("10.255.255.1:6379", 45, marks=pytest.mark.slow),  # no answer: the --ray-timeout must fire
+])
 def test_cli_unreachable_ray_address_is_a_clear_error(fakes, tmp_path, address, max_seconds):
     t0 = time.time()
     p = _cli(["reproduce", "--only", "tfake_alpha", "--ray-address", address, "--ray-timeout", "5",
@@ -169,6 +172,7 @@ def test_cli_unreachable_ray_address_is_a_clear_error(fakes, tmp_path, address, 
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # two CLI processes with Ray start-up: about 1 min idle, 4 min on the loaded shared machine
 def test_sigkill_then_same_command_keeps_finished_and_ends_with_same_claims(fakes, ray_session, tmp_path):
     """Kill the whole `optiscope reproduce` process group with SIGKILL after two experiments finished, run the
     same command again: the finished ones are kept untouched, the rest run, and the claims table equals that of

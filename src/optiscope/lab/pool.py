@@ -7,6 +7,8 @@
   a TCP connection first and ``ray.init`` runs under a timeout, so an unreachable cluster is a clear
   :class:`PoolError` after ``connect_timeout`` seconds, never a hang.
 - A Ray session that is already initialised in this process is reused (and left running).
+- Ray's own memory monitor is off for a local pool (``RAY_memory_monitor_refresh_ms=0`` unless set): it kills jobs
+  when the machine as a whole runs short of memory, also for memory other users' processes hold.
 
 :func:`run_jobs` submits jobs, keeps ``workers`` of them in flight and calls ``on_event(key, event, info)`` with
 ``"started"`` and ``"done"`` events, so a caller can draw one progress view across all jobs. A job that raises is
@@ -121,8 +123,22 @@ def start_pool(workers: int | None = None, address: str | None = None, connect_t
         else:
             import logging
 
-            ray.init(num_cpus=workers or cpus, include_dashboard=False, log_to_driver=False,
-                     ignore_reinit_error=True, logging_level=logging.ERROR)
+            # Ray's memory monitor kills workers when the *node* is short of memory, whoever uses it; on a shared
+            # machine that kills our jobs for others' memory and retries them from scratch, again and again. The
+            # kernel's OOM killer stays in charge. Set RAY_memory_monitor_refresh_ms yourself to keep Ray's.
+            os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+            for attempt in (1, 2):  # Ray's start-up can time out on an overloaded machine; try once more
+                try:
+                    ray.init(num_cpus=workers or cpus, include_dashboard=False, log_to_driver=False,
+                             ignore_reinit_error=True, logging_level=logging.ERROR)
+                    break
+                except Exception as e:  # noqa: BLE001 - Ray raises plain Exception on start-up timeouts
+                    ray.shutdown()
+                    if attempt == 2:
+                        raise PoolError(f"local Ray did not start ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                                        f"load average {os.getloadavg()[0]:.1f} on {cpus} CPUs; try again when "
+                                        "the machine is less busy") from None
+                    time.sleep(5.0)
         owned = True
     total = int(ray.cluster_resources().get("CPU", workers or cpus))
     if workers is None:
@@ -172,14 +188,17 @@ def _call_pinned(threads: int, fn: Callable[..., Any], args: tuple, kwargs: dict
 
 def run_jobs(pool: Pool, fn: Callable[..., Mapping[str, Any]], jobs: Iterable[tuple[str, tuple, dict]],
              on_event: Callable[[str, str, Mapping[str, Any]], None] | None = None,
-             poll: float = 0.5, on_poll: Callable[[], None] | None = None) -> dict[str, dict[str, Any]]:
+             poll: float = 0.5, on_poll: Callable[[], None] | None = None,
+             fresh_process: bool = True) -> dict[str, dict[str, Any]]:
     """Run ``fn(*args, **kwargs)`` for every ``(key, args, kwargs)`` of ``jobs`` on the pool, ``pool.workers`` at a
     time; return ``{key: result dict}``. ``fn`` must return a dict; an exception (or a lost worker) becomes
     ``{"status": "failed", "error": ...}``. ``on_event(key, "started" | "done", info)`` reports progress;
-    ``on_poll()`` is called about every ``poll`` seconds while jobs run."""
+    ``on_poll()`` is called about every ``poll`` seconds while jobs run. ``fresh_process`` (default) runs every job
+    in a new worker process (nothing a job changes in global state reaches the next one); ``False`` lets Ray reuse
+    workers, which saves the interpreter and import start-up for many small jobs."""
     import ray
 
-    remote = ray.remote(max_calls=1)(_call_pinned)
+    remote = ray.remote(max_calls=1 if fresh_process else 0)(_call_pinned)
     queue = list(jobs)
     in_flight: dict[Any, tuple[str, float]] = {}
     results: dict[str, dict[str, Any]] = {}

@@ -334,7 +334,7 @@ def sweep(base: CompareConfig, out: str | Path, optimizers: Sequence[str] | None
             for k in kept:
                 if on_event is not None:
                     on_event(k, "kept", status[k])
-            run_jobs(pool, run_cell, jobs, on_event=event)
+            run_jobs(pool, run_cell, jobs, on_event=event, fresh_process=False)  # cells share no global state
         finally:
             stop_pool(pool)
     else:
