@@ -137,16 +137,20 @@ def exact_diagonal_block(H, coords: Mapping[str, Tensor]) -> DiagonalBlockResult
 
 # ------------------------------------------------------------------------------------------------------------------
 # restricted HVP columns ("layer-hvp")
-#: Unit vectors per batched second backward of the restricted path (measured; docs/benchmarks.md).
-LAYER_HVP_CHUNK = 16
+#: Unit vectors per second backward of the restricted path, by device type. On CPU one vector at a time was
+#: fastest (benchmark transformer, 1 thread: chunks of 4 / 8 / 16 / 32 took 1.6x / 1.8x / 1.8x / 2.3x the time of
+#: chunks of 1 per entry); the CUDA value is a default that was not measured here.
+LAYER_HVP_CHUNK = {"cpu": 1, "cuda": 16}
 
 
-def _layer_hvp_diagonal(H, coords: Mapping[str, Tensor], chunk: int = LAYER_HVP_CHUNK
+def _layer_hvp_diagonal(H, coords: Mapping[str, Tensor], chunk: int | None = None
                         ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """``H_ii`` for the coordinates of each parameter tensor ``p`` from restricted columns ``H_pp e_i``.
 
     Returns the values and, for tensors whose gradient autograd cannot differentiate again, a reason (those are
     left out of the values)."""
+    if chunk is None:
+        chunk = LAYER_HVP_CHUNK.get(torch.device(H.device).type, 1)
     problem = H._problem
     names = [n for n in H.param_names if n in coords]
     out = {n: torch.zeros(coords[n].numel(), dtype=H.dtype, device=H.device) for n in names}
