@@ -11,8 +11,9 @@ first 1024 training samples) is measured, by
 Both loops train bit-identical trajectories (neither changes parameters or the batch generator), so every
 checkpoint's error is taken against the same reference: Lanczos to a residual of 1e-10 on the same parameters
 (untimed). Reported: probe time as % of the training time of the same loop without probes (rounds interleaved,
-medians), the worst relative error over the checkpoints, HVPs per checkpoint. One torch thread; the load average is
-recorded before and after.
+medians), the worst relative error over the checkpoints, HVPs per checkpoint. Times are this process's CPU time by
+default (one torch thread, so CPU time is the work done, robust to other processes sharing the cores; ``--wall``
+for wall clock); the load average is recorded before and after.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_tracker.py [--steps 200] [--rounds 3] [--no-write]
 
@@ -44,6 +45,8 @@ from optiscope import Hessian, Tracker  # noqa: E402
 from optiscope.lab import Problem  # noqa: E402
 
 EVERY = 10
+CLOCK = time.process_time  # CPU seconds of this (1-thread) process: robust to other processes sharing the cores;
+# ``--wall`` switches to time.perf_counter
 
 
 def load() -> str:
@@ -71,20 +74,20 @@ def train_loop(pb, steps: int, measure=None):
         nonlocal t_probe
         if measure is None:
             return
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         v = measure(step, model, opt)
-        t_probe += time.perf_counter() - t0
+        t_probe += CLOCK() - t0
         if v is not None:
             seen.append((step, v, {k: t.detach().clone() for k, t in model.state_dict().items()}))
 
     probe(0)
     for step in range(1, steps + 1):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         idx = torch.randint(0, len(X), (128,), generator=g)
         opt.zero_grad()
         F.cross_entropy(model(X[idx]), y[idx]).backward()
         opt.step()
-        t_train += time.perf_counter() - t0
+        t_train += CLOCK() - t0
         probe(step)
     return t_train, t_probe, seen, model
 
@@ -152,7 +155,11 @@ def main() -> None:
                     help="a tracker probe spec to time (repeatable; default: 'sharpness' and 'sharpness:tol=3e-6')")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--no-resnet", action="store_true")
+    ap.add_argument("--wall", action="store_true", help="time wall clock instead of this process's CPU time")
     args = ap.parse_args()
+    global CLOCK
+    if args.wall:
+        CLOCK = time.perf_counter
     torch.set_num_threads(1)
     load_before = load()
     pb = setup()
@@ -195,7 +202,7 @@ def main() -> None:
         f"`benchmarks/bench_tracker.py`: `mlp:depth=3,width=64` on digits (8,970 parameters), {args.steps} SGD+M "
         f"updates at batch 128, top Hessian eigenvalue on the 1024-sample probe batch at {n_ck} checkpoints (every "
         f"{EVERY} steps). Probe time as % of the same loop's training time without probes; {args.rounds} rounds, "
-        f"interleaved, medians; error: worst (median) relative error over the checkpoints against Lanczos at "
+        f"interleaved, medians of {'wall-clock' if args.wall else 'process CPU'} time; error: worst (median) relative error over the checkpoints against Lanczos at "
         f"residual 1e-10 on the same parameters. 1 torch thread; load average (1/5/15 min) {load_before} before, "
         f"{load_after} after.",
         "",
