@@ -23,7 +23,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from transformers import TrainerCallback
+try:
+    from transformers import TrainerCallback
+except ImportError:  # the module stays importable; creating the callback says what to install
+    TrainerCallback = object
+    _MISSING = ("transformers is not installed; install it without replacing torch: "
+                "pip install -c constraints/torch.txt '.[hf]'")
+else:
+    _MISSING = None
 
 from optiscope.integrations._common import output_loss, probe_batches
 from optiscope.lab.problem import model_device
@@ -38,6 +45,8 @@ class OptiscopeCallback(TrainerCallback):
 
     def __init__(self, probe_data: Any = None, loss_fn: Callable | None = None, label_key: str = "labels",
                  max_batches: int = 1, **tracker_kw: Any):
+        if _MISSING:
+            raise ValueError(_MISSING)
         self.probe_data = probe_data
         self.loss_fn = loss_fn or output_loss
         self.label_key = label_key

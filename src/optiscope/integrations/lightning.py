@@ -21,7 +21,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lightning.pytorch import Callback
+try:
+    from lightning.pytorch import Callback
+except ImportError:  # the module stays importable; creating the callback says what to install
+    Callback = object
+    _MISSING = ("lightning is not installed; install it without replacing torch: "
+                "pip install -c constraints/torch.txt '.[lightning]'")
+else:
+    _MISSING = None
 
 from optiscope.integrations._common import output_loss, probe_batches
 from optiscope.lab.problem import model_device
@@ -36,6 +43,8 @@ class OptiscopeCallback(Callback):
     def __init__(self, probe_data: Any, loss_fn: Callable | None = None, label_key: str = "labels",
                  **tracker_kw: Any):
         super().__init__()
+        if _MISSING:
+            raise ValueError(_MISSING)
         self.probe_data = probe_data
         self.loss_fn = loss_fn or output_loss
         self.label_key = label_key
