@@ -18,7 +18,7 @@ for wall clock); the load average is recorded before and after.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_tracker.py [--steps 200] [--rounds 3] [--no-write]
 
 Also times the first curvature number on a ResNet-18 (torchvision's architecture, 11.2M parameters, train-mode
-BatchNorm, 32 images of 3x32x32): the three lines ``from optiscope import Hessian``, ``H = Hessian(model, loss, (X,
+BatchNorm, ``--resnet-images`` random images of 3x32x32; section ``tracker_resnet``): the three lines ``from optiscope import Hessian``, ``H = Hessian(model, loss, (X,
 y))``, ``H.eigenvalues(k=1).values[0]``.
 """
 
@@ -132,19 +132,33 @@ def reference(pb, model_template, sd) -> float:
     return float(Hessian(m, pb.loss_fn, pb.probe_batch).eigenvalues(k=1, tol=1e-10, max_iter=300).values[0])
 
 
-def resnet_first_number() -> dict:
+def resnet_first_number(n_images: int) -> dict:
     from _resnet18 import resnet18
 
     torch.manual_seed(0)
     model, source = resnet18(num_classes=10)
-    X = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    y = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(1))
-    t0 = time.perf_counter()
+    X = torch.randn(n_images, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (n_images,), generator=torch.Generator().manual_seed(1))
+    t0, c0 = time.perf_counter(), time.process_time()
     H = Hessian(model, F.cross_entropy, (X, y))
     top = H.eigenvalues(k=1)
-    seconds = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"source": source, "params": sum(p.numel() for p in model.parameters()), "value": float(top.values[0]),
-            "n_hvp": int(top.n_hvp), "seconds": seconds}
+            "n_hvp": int(top.n_hvp), "seconds": wall, "cpu_seconds": cpu, "n_images": n_images}
+
+
+def write_resnet(rn: dict, load_before: str, write: bool) -> None:
+    md = ["## First curvature number on a ResNet-18", "",
+          f"`benchmarks/bench_tracker.py --resnet-only`: ResNet-18 ({rn['source']}, {rn['params'] / 1e6:.1f}M "
+          f"parameters, train-mode BatchNorm), {rn['n_images']} random images 3x32x32: three lines of user code "
+          "beyond the model and the data (`from optiscope import Hessian`; `H = Hessian(model, F.cross_entropy, "
+          "(X, y))`; `H.eigenvalues(k=1).values[0]`, as in `examples/resnet18_sharpness.py`). "
+          f"{rn['cpu_seconds']:.1f} s CPU ({rn['seconds']:.1f} s wall), {rn['n_hvp']} HVPs, value {rn['value']:.4g}; "
+          f"1 torch thread, load average {load_before} before, {load()} after."]
+    if write:
+        print(write_section("tracker_resnet", "\n".join(md)))
+    else:
+        print("\n".join(md))
 
 
 def main() -> None:
@@ -155,6 +169,8 @@ def main() -> None:
                     help="a tracker probe spec to time (repeatable; default: 'sharpness' and 'sharpness:tol=3e-6')")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--no-resnet", action="store_true")
+    ap.add_argument("--resnet-only", action="store_true")
+    ap.add_argument("--resnet-images", type=int, default=16)
     ap.add_argument("--wall", action="store_true", help="time wall clock instead of this process's CPU time")
     args = ap.parse_args()
     global CLOCK
@@ -162,6 +178,9 @@ def main() -> None:
         CLOCK = time.perf_counter
     torch.set_num_threads(1)
     load_before = load()
+    if args.resnet_only:
+        write_resnet(resnet_first_number(args.resnet_images), load_before, not args.no_write)
+        return
     pb = setup()
     specs = args.spec or ["sharpness", "sharpness:tol=3e-6"]
     kinds = ["plain", *specs, "pyhessian"]
@@ -193,9 +212,7 @@ def main() -> None:
         print(f"{k}: {100 * med[k] / train_s:.0f}% of training ({med[k]:.2f} s, rounds {rows[k]}), worst error "
               f"{max(errors[k]):.2e}, median {np.median(errors[k]):.2e}")
     print(f"training {train_s:.2f} s (rounds {rows['plain']}); load {load_before} -> {load_after}")
-    rn = None if args.no_resnet else resnet_first_number()
-    if rn:
-        print(rn)
+    rn = None if args.no_resnet else resnet_first_number(args.resnet_images)
     md = [
         "## Tracker vs a hand-written PyHessian loop (digits MLP, sharpness every 10 steps)",
         "",
@@ -230,11 +247,7 @@ def main() -> None:
         "where the top two eigenvalues are close.",
     ]
     if rn:
-        md += ["", f"First curvature number on a ResNet-18 ({rn['source']}, {rn['params'] / 1e6:.1f}M parameters, "
-               f"train-mode BatchNorm, 32 images 3x32x32): 3 lines of user code beyond the model and data "
-               f"(`from optiscope import Hessian`; `H = Hessian(model, F.cross_entropy, (X, y))`; "
-               f"`H.eigenvalues(k=1).values[0]`, as in `examples/resnet18_sharpness.py`); {rn['seconds']:.1f} s, "
-               f"{rn['n_hvp']} HVPs, value {rn['value']:.4g}."]
+        write_resnet(rn, load_after, not args.no_write)
     if not args.no_write:
         print(write_section("tracker", "\n".join(md)))
     else:
