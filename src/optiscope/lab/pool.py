@@ -127,6 +127,9 @@ def start_pool(workers: int | None = None, address: str | None = None, connect_t
             # machine that kills our jobs for others' memory and retries them from scratch, again and again. The
             # kernel's OOM killer stays in charge. Set RAY_memory_monitor_refresh_ms yourself to keep Ray's.
             os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+            # Ray also marks its workers as the kernel's first OOM victims (oom_score_adj 1000); on a shared machine
+            # that sacrifices our jobs for others' memory. Make them ordinary processes.
+            os.environ.setdefault("RAY_worker_oom_score_adjustment", "0")
             for attempt in (1, 2):  # Ray's start-up can time out on an overloaded machine; try once more
                 try:
                     ray.init(num_cpus=workers or cpus, include_dashboard=False, log_to_driver=False,
