@@ -31,10 +31,9 @@ def _has_doc(obj) -> bool:
     doc = inspect.getdoc(obj)
     if not doc or not doc.strip():
         return False
-    if inspect.isclass(obj) and dataclasses.is_dataclass(obj) and obj.__doc__ and \
-            obj.__doc__.startswith(f"{obj.__name__}("):
-        return False  # the signature dataclasses write when the class has no docstring
-    return True
+    # the signature that dataclasses write when the class has no docstring does not count
+    return not (inspect.isclass(obj) and dataclasses.is_dataclass(obj) and obj.__doc__ is not None
+                and obj.__doc__.startswith(f"{obj.__name__}("))
 
 
 def _public_names(module) -> list[str]:
@@ -50,9 +49,7 @@ def _class_members(cls):
             continue
         if isinstance(raw, (staticmethod, classmethod)):
             fn = raw.__func__
-        elif isinstance(raw, property):
-            fn = raw
-        elif inspect.isfunction(raw):
+        elif isinstance(raw, property) or inspect.isfunction(raw):
             fn = raw
         else:
             continue

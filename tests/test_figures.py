@@ -12,7 +12,13 @@ import test_lab_common  # noqa: F401  (single-threaded torch)
 import torch
 
 from optiscope.report.figures import (
-    OptimizerInfo, optimizer_info, plot_loss, plot_one_norm, plot_r_med, plot_sharpness, sharpness_threshold,
+    OptimizerInfo,
+    optimizer_info,
+    plot_loss,
+    plot_one_norm,
+    plot_r_med,
+    plot_sharpness,
+    sharpness_threshold,
 )
 from optiscope.utils.plotting import plt
 

@@ -41,11 +41,11 @@ def test_every_registered_experiment_has_a_known_paper_and_a_row_in_docs():
     from optiscope.experiments.base import registry
 
     text = DOCS.read_text()
-    sections = re.split(r"^## ", text, flags=re.M)[1:]
+    sections = re.split(r"^## ", text, flags=re.MULTILINE)[1:]
     rows = {}
     for sec in sections:
         title = sec.splitlines()[0].strip()
-        for name in re.findall(r"^\| `([a-z0-9_]+)` \|", sec, flags=re.M):
+        for name in re.findall(r"^\| `([a-z0-9_]+)` \|", sec, flags=re.MULTILINE):
             rows[name] = title
     missing = []
     for name, spec in registry().items():

@@ -201,17 +201,19 @@ def store_json(store) -> dict[str, Any]:
 
     ``final`` holds the last recorded value of each global metric and its ``step``; ``r_med`` the last per-layer
     R_med; ``claims`` is empty for lab comparisons; ``problems`` names corrupt or partial files."""
+    from optiscope.lab.store import StoreError
     from optiscope.report.markdown import final_layer_values, final_values
 
+    unreadable = (StoreError, OSError, ValueError)  # named by store.check(); the rest is still shown
     problems = [str(p) for p in store.check()]
     try:
         manifest = store.read_manifest()
-    except Exception:
+    except unreadable:
         manifest = {}
     runs_meta = manifest.get("runs") or {}
     try:
         df = store.read_metrics()
-    except Exception:
+    except unreadable:
         df = None
     fv = final_values(df) if df is not None and not df.empty else None
     names = list(dict.fromkeys(list(runs_meta) + (list(fv.index) if fv is not None and not fv.empty else [])))
@@ -234,7 +236,7 @@ def store_json(store) -> dict[str, Any]:
     if store.path("results.json").exists():
         try:
             claims = list(store.read_results().get("claims", []))
-        except Exception as e:  # a corrupt results.json is a problem to report, not a crash
+        except unreadable as e:  # a corrupt results.json is a problem to report, not a crash
             problems.append(f"results.json: {e}")
     return {"run_dir": str(store.root), "status": str(manifest.get("status", "unknown")), "problems": problems,
             "runs": runs, "r_med": r_med, "claims": claims}

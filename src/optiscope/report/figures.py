@@ -244,10 +244,11 @@ def _optimizers_from_config(store: RunStore) -> dict[str, OptimizerInfo]:
     """:class:`OptimizerInfo` per run of a lab comparison directory, keyed by the run names the lab used
     (:meth:`CompareConfig.run_names`); empty for other run directories."""
     from optiscope.lab.config import load_compare_config
+    from optiscope.lab.store import StoreError
 
     try:
         cfg = load_compare_config(store)
-    except Exception:  # not a lab comparison (an experiment directory): no stability lines
+    except (StoreError, OSError, ValueError, KeyError, TypeError):  # not a lab comparison: no stability lines
         return {}
     out = {}
     for name, spec in zip(cfg.run_names(), cfg.optimizers):
