@@ -45,6 +45,8 @@ from optiscope.utils.progress import progress_task
 
 @dataclass(frozen=True)
 class DeepLinearDynamicsConfig(Config):
+    """Configuration of the deep linear dynamics experiment (Arora et al. 2018; 2019): depths, sizes, step sizes."""
+
     seed: int = 0
     depths: tuple[int, ...] = (1, 2, 3, 4)
     # part A

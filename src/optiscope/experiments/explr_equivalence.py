@@ -53,6 +53,8 @@ SCHEDULES = ("constant", "step_decay")
 
 @dataclass(frozen=True)
 class ExpLRConfig(Config):
+    """Configuration of the ExpLR equivalence experiment (Li & Arora 2020, Thm. 1): data, model, optimiser, schedules."""
+
     seed: int = 0
     n_train: int = 4096
     n_test: int = 1000
@@ -105,6 +107,7 @@ def build_bn_mlp(config: ExpLRConfig, input_dim: int, n_classes: int) -> nn.Modu
 
 
 def load_data(config: ExpLRConfig):
+    """The Fashion-MNIST subset of ``config`` (``n_train`` / ``n_test`` images, seeded, in ``config.dtype``)."""
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     return fashion_mnist(n_train=config.n_train, n_test=config.n_test, seed=config.seed, dtype=dtype)
 
@@ -274,8 +277,8 @@ def run(config: ExpLRConfig, store: RunStore) -> Result:
         worst = max(r["max_loss_rel_diff"], r["max_output_rel_diff"])
         worst_ctl = max(r["control_max_loss_rel_diff"], r["control_max_output_rel_diff"])
         label = "constant LR" if s == "constant" else "step-decay LR (TEXP recurrence)"
-        not_exact = (exact, "non-invariant parameters are trained with weight decay (non_invariant='include'): the "
-                            "theorem's identity does not apply, only approximately")
+        not_exact = (exact, ("non-invariant parameters are trained with weight decay (non_invariant='include'): "
+                             "the theorem's identity does not apply, only approximately"))
         not_div = (r["diverged_at"] is None, f"the runs diverged at step {r['diverged_at']}")
         v = tolerance_claim(worst, 0.0, abs_tol=config.target_rel_diff, premises=[not_exact, not_div])
         claims.append(Claim(

@@ -39,6 +39,8 @@ from optiscope.zoo import batch_iterator
 
 @dataclass(frozen=True)
 class ScaleInvarianceConfig(Config):
+    """Configuration of the scale-invariance experiment (Li & Arora 2020, Lemma 1): model, data, scales, tolerance."""
+
     seed: int = 0
     n_train: int = 2048
     batch_size: int = 256

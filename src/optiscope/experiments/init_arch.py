@@ -35,6 +35,8 @@ MLP_VARIANTS = {"plain": {}, "residual": {"residual": 3}, "batchnorm": {"batchno
 
 @dataclass(frozen=True)
 class ArchInitConfig(Config):
+    """Configuration of the architecture-at-init experiment (Orvieto et al. 2022, Fig. 6, 7, 17, 19)."""
+
     seed: int = 0
     mlp_width: int = 8
     mlp_depths: tuple[int, ...] = (5, 8, 14, 26)

@@ -46,6 +46,8 @@ from optiscope.utils.progress import progress_task
 
 @dataclass(frozen=True)
 class EscapeConfig(Config):
+    """Configuration of the plateau-escape experiment (Orvieto et al. 2022, Prop. 7, Fig. 3): depths, optimisers, grids."""
+
     seed: int = 0
     depths: tuple[int, ...] = (10, 20, 40, 60, 80, 100)
     w0: float = 0.5

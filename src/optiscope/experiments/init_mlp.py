@@ -52,6 +52,8 @@ NARROW_CONFIGS = (("relu", "he_uniform"), ("linear", "xavier_uniform"), ("relu",
 
 @dataclass(frozen=True)
 class MLPInitConfig(Config):
+    """Configuration of the MLP-at-init experiment (Orvieto et al. 2022, Thm. 9-10, Fig. 1, 4, 12, 13)."""
+
     seed: int = 0
     width: int = 32
     grad_depths: tuple[int, ...] = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
