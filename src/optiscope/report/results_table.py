@@ -171,7 +171,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], claim_chars: int = 110, re
     lines = ["| paper | experiment (tier) | claim | paper's number | ours (95% CI) | verdict (why) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        verdict = f"**{r['verdict']}**" + (f": {_short(r['reason'], reason_chars)}" if r.get("reason") else "")
+        reason = str(r.get("reason") or "")
+        if reason.startswith("untestable here: "):
+            reason = reason[len("untestable here: "):]
+        verdict = f"**{r['verdict']}**" + (f": {_short(reason, reason_chars)}" if reason else "")
         lines.append(f"| {cell(r['paper_ref'])} | `{cell(r['experiment'])}` ({cell(r['tier'])}) | "
                      f"{cell(_short(r['claim'], claim_chars))} | {cell(_short(r['paper'], 60))} | "
                      f"{cell(_short(r['ours'], 90))} | {cell(verdict)} |")
