@@ -289,8 +289,6 @@ class RunStore:
         elif not self.root.is_dir():
             raise StoreError(f"run directory {self.root} does not exist")
         self._metrics_cache: pd.DataFrame | None = None
-        self._heartbeat: threading.Thread | None = None
-        self._heartbeat_stop: threading.Event | None = None
         if not is_locked(self.root):
             self._remove_temp_files()
 
@@ -358,13 +356,13 @@ class RunStore:
                 self.notices.append(lock.takeover)
                 print(f"note: {lock.takeover}", file=sys.stderr)
             self._remove_temp_files()
-            self._start_heartbeat()
+            lock.heartbeat_stop = self._start_heartbeat()
 
     def release_lock(self) -> None:
         """Leave one level of the writer lock; the last level stops the heartbeat and releases it."""
         lock = held_lock(self.root)
-        if lock is not None and lock.count == 1:
-            self._stop_heartbeat()
+        if lock is not None and lock.count == 1 and getattr(lock, "heartbeat_stop", None) is not None:
+            lock.heartbeat_stop.set()
         release_directory_lock(self.root)
 
     @contextlib.contextmanager
@@ -384,23 +382,22 @@ class RunStore:
         """``{"pid", "host", "started", "command"}`` of the current or last holder, if recorded."""
         return read_holder(self.root)
 
-    def _start_heartbeat(self) -> None:
+    def _start_heartbeat(self) -> threading.Event:
+        """A daemon thread refreshing ``manifest["heartbeat"]`` while this process holds the lock; returns the
+        event that stops it (kept on the lock, so whichever RunStore releases the last level stops it)."""
         stop = threading.Event()
+        root = self.root
 
         def beat() -> None:
             while not stop.wait(HEARTBEAT_SECONDS):
+                if held_lock(root) is None:
+                    return
                 with contextlib.suppress(Exception):
                     if self.path("manifest.json").exists():
                         self.update_manifest()
 
-        self._heartbeat_stop = stop
-        self._heartbeat = threading.Thread(target=beat, name=f"heartbeat {self.root}", daemon=True)
-        self._heartbeat.start()
-
-    def _stop_heartbeat(self) -> None:
-        if self._heartbeat_stop is not None:
-            self._heartbeat_stop.set()
-        self._heartbeat = self._heartbeat_stop = None
+        threading.Thread(target=beat, name=f"heartbeat {root}", daemon=True).start()
+        return stop
 
     def liveness(self, status: str | None = None) -> str:
         """``status`` (default: the manifest's), or ``"stopped (process gone)"`` when it says running but no live
@@ -497,7 +494,8 @@ class RunStore:
             raise StoreError(f"cannot move {self.root} aside to {dest}: {e.strerror or e}") from e
         if held is not None:
             move_held_lock(self.root, dest)
-            self._stop_heartbeat()
+            if getattr(held, "heartbeat_stop", None) is not None:
+                held.heartbeat_stop.set()
             for _ in range(depth):
                 release_directory_lock(dest)
         self.root.mkdir(parents=True, exist_ok=True)

@@ -105,6 +105,7 @@ class DirectoryLock:
         self.count = 0
         self.takeover: str | None = None
         self.holder: dict[str, Any] = {}
+        self.heartbeat_stop: threading.Event | None = None  # set by the owner's heartbeat (RunStore)
 
     def acquire(self, wait: float = 1.0) -> None:
         """Take the lock (polling up to ``wait`` seconds); ``LockHeldError`` naming the holder if it stays held."""
