@@ -1,6 +1,6 @@
 """Depth as a preconditioner: end-to-end dynamics of deep linear networks, measured against theory.
 
-Seed 003, "Linear Networks via GD Trajectory", Eq. (1): gradient descent on the factors of
+The research notes after Arora et al. 2018, "Linear Networks via GD Trajectory", Eq. (1): gradient descent on the factors of
 ``W_e = W_N ... W_1`` moves the end-to-end matrix by ``-eta P_{W_e} vec(grad l(W_e))`` (spec Paper 4, 4j-1,
 Thm. 1 / Claim 1), and singular values move at ``d sigma_r/dt = -N sigma_r^{2-2/N} <grad l, u_r v_r^T>``
 (ACHL 2019 Thm. 3), so for N >= 2 large singular values move faster.
@@ -186,7 +186,7 @@ def trajectory(config: DeepLinearDynamicsConfig, depth: int, W_star: np.ndarray)
                                                     init_scale=1e-4, lr_factor=0.05, max_steps=1_000_000,
                                                     log_every=50, step_sizes=(1e-3, 1e-4, 1e-5, 1e-6))})
 def run(config: DeepLinearDynamicsConfig, store: RunStore) -> Result:
-    """Deep linear end-to-end dynamics (seed 003 Eq. (1); spec 4j-1)."""
+    """Deep linear end-to-end dynamics (Arora et al. 2018, Eq. (1); spec 4j-1)."""
     rng = np.random.default_rng(config.seed)
     one_step = [one_step_check(config, depth, rng) for depth in config.depths]
     # ground truth for part B: random orthogonal U, V, geometric singular values
@@ -220,7 +220,7 @@ def run(config: DeepLinearDynamicsConfig, store: RunStore) -> Result:
         "one_step_preconditioner",
         "One GD step on balanced factors changes W_e by -eta P_{W_e} vec(grad l) up to O(eta^2) (depths "
         f"{list(config.depths)})",
-        paper="seed 003 Eq. (1); spec: factor-GD one-step change matches to 3.1e-6 (finite-difference error)",
+        paper="Arora et al. 2018, Eq. (1); spec: factor-GD one-step change matches to 3.1e-6 (finite-difference error)",
         measured={"relative_error_at_lr_min": formula_small,
                   "error_ratio_between_two_smallest_lrs": order, "lr_ratio": hi / lo},
         **_v(all_of([tolerance_claim(max(formula_small.values()), 0.0, abs_tol=1e-3)]
