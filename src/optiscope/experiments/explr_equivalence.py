@@ -1,6 +1,6 @@
-"""Weight decay + constant LR + momentum == exponentially growing LR without weight decay (seed 003, Theorem 1).
+"""Weight decay + constant LR + momentum == exponentially growing LR without weight decay (Li & Arora 2020, Theorem 1).
 
-Seed 003, "Exponential Learning Rates" (Li & Arora 2020); formulas in spec "Paper 3" §3i, implemented in
+The research notes after Li & Arora 2020, "Exponential Learning Rates"; formulas in spec "Paper 3" §3i, implemented in
 :mod:`optiscope.theory.explr` and :class:`optiscope.optim.ExpLR`. Two runs of an MLP with BatchNorm on
 Fashion-MNIST, same initialisation and mini-batch order:
 
@@ -248,7 +248,7 @@ def run_pair(config: ExpLRConfig, schedule: str, data, invariant: set[str], meas
                    "full": ExpLRConfig(n_train=60000, n_test=10000, width=256, depth=4, steps=20000,
                                        weight_decay=5e-4, log_every=50)})
 def run(config: ExpLRConfig, store: RunStore) -> Result:
-    """ExpLR equivalence (seed 003 Theorem 1; spec Paper 3 §3i)."""
+    """ExpLR equivalence (Li & Arora 2020, Theorem 1; spec Paper 3 §3i)."""
     data = load_data(config)
     X, y = data.train
     probe = build_bn_mlp(config, X[0].numel(), data.n_classes)
