@@ -1,6 +1,6 @@
-"""The scale-invariance lemma, measured on a BatchNorm MLP along training (seed 003, Lemma 1).
+"""The scale-invariance lemma, measured on a BatchNorm MLP along training (Li & Arora 2020, Lemma 1).
 
-Seed 003, "Exponential Learning Rates": for a loss with ``L(c theta) = L(theta)``,
+The research notes after Li & Arora 2020, "Exponential Learning Rates": for a loss with ``L(c theta) = L(theta)``,
 ``<grad L, theta> = 0`` and ``grad L(theta_0) = c grad L(c theta_0)``; geometrically the first makes ``||theta||``
 increase under gradient descent. Spec "Paper 3" §3i. On the model of ``explr_equivalence`` (zoo MLP with BatchNorm,
 Fashion-MNIST) this experiment
@@ -77,7 +77,7 @@ def _model_config(config: ScaleInvarianceConfig, bn_eps: float) -> ExpLRConfig:
 
 
 def expected_invariant(depth: int) -> set[str]:
-    """What the zoo MLP's architecture implies: hidden linear weights feed a BatchNorm (seed 003 Lemma 1 setting)."""
+    """What the zoo MLP's architecture implies: hidden linear weights feed a BatchNorm (Li & Arora 2020, Lemma 1 setting)."""
     return {f"layers.{i}.weight" for i in range(depth - 1)}
 
 
@@ -87,7 +87,7 @@ def expected_invariant(depth: int) -> set[str]:
                    "full": ScaleInvarianceConfig(n_train=60000, width=256, depth=4, steps=5000,
                                                  checkpoints=(0, 100, 1000, 5000))})
 def run(config: ScaleInvarianceConfig, store: RunStore) -> Result:
-    """Seed 003 Lemma 1 measured per parameter group along plain SGD training."""
+    """Li & Arora 2020, Lemma 1 measured per parameter group along plain SGD training."""
     data = load_data(_model_config(config, config.bn_eps))
     X, y = data.train
     loss_fn = nn.CrossEntropyLoss()
