@@ -1,14 +1,14 @@
 """Architectures at initialization: residual connections + BatchNorm restore non-vanishing; fully convolutional and
-stripped ResNets vanish at small resolution (seed 002 §5, Fig. 6, 7, 17, 18, 19), at CPU scale.
+stripped ResNets vanish at small resolution (Orvieto et al. 2022, §5, Fig. 6, 7, 17, 18, 19), at CPU scale.
 
 Measured with :func:`optiscope.lab.init_check.init_check` (medians over seeds, float64, He-uniform, ReLU):
 
 1. **MLP variants** (Fig. 17): narrow bias-free MLPs, plain vs residual skips over 3 layers vs BatchNorm vs both
-   (BatchNorm in training mode, i.e. batch statistics, as at the first step of training); teacher data of seed 002
+   (BatchNorm in training mode, i.e. batch statistics, as at the first step of training); teacher data of Orvieto et al. 2022
    App. A.1. Gradient norm and Hessian block norms vs depth.
 2. **FCN** (Fig. 6, 18): image-to-image fully convolutional nets on 8x8 digits (``sklearn`` digits, the input is the
    target, square loss), kernel 3, a fixed channel count vs channels growing with depth, zero vs circular padding.
-   Effective width (seed 002 §5) = ``channels * kernel^2``.
+   Effective width (Orvieto et al. 2022, §5) = ``channels * kernel^2``.
 3. **Stripped ResNet** (Fig. 7, 19): 4 stages of ``k`` convolutions (stride 2 between stages) without BatchNorm and
    skips, on Fashion-MNIST resized to 16x16 (resolutions 16, 8, 4, 2), cross-entropy; and the same net with
    BatchNorm + residual connections restored.
