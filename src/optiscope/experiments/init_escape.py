@@ -1,4 +1,4 @@
-"""Escape from the flat plateau of the neural chain: GD, perturbed GD and RMSprop vs depth (seed 002 §3, Prop. 7,
+"""Escape from the flat plateau of the neural chain: GD, perturbed GD and RMSprop vs depth (Orvieto et al. 2022, §3, Prop. 7,
 Fig. 3; App. C.2, Eq. (89), Fig. 23-25).
 
 Loss with one data point ``(x, y)``: ``l(w) = (1/2)(y - x prod_{i=1}^L w_i)^2``; every weight starts at the same small
@@ -8,14 +8,14 @@ the library's optimizers (:class:`optiscope.optim.SGD` as plain GD, :class:`opti
 * GD for several step sizes,
 * perturbed GD: a GD step followed by isotropic Gaussian noise ``N(0, r^2 I)`` on the weights (Du et al. 2017, the
   seed's "directly add noise to the updates"), several noise levels ``r``,
-* RMSprop (seed 002 form, no bias correction) for several learning rates,
+* RMSprop (Orvieto et al. 2022 form, no bias correction) for several learning rates,
 
 each for ``n_seeds`` seeds (noise and jitter come from one ``torch.Generator``), at every depth, and record the
 iterations until the loss first falls to ``loss_fraction * l(w(0))`` ("escape"; censored at ``max_iters``). Gradients
 are the exact closed form ``dl/dw_i = (f - y) x prod_{j != i} w_j`` (prefix/suffix products), checked against autograd
 in the tests. Theory overlays: the exact gradient-flow escape time (``t/eta`` iterations) and the RMSprop-flow bound.
 
-RMSprop's ``eps`` must be far below ``g(0)^2 ~ w0^{2(L-1)}`` for the seed's argument to hold (``1e-60`` at depth 100
+RMSprop's ``eps`` must be far below ``g(0)^2 ~ w0^{2(L-1)}`` for the paper's argument to hold (``1e-60`` at depth 100
 for ``w0 = 1/2``); the default here is ``eps = 0`` and ``rmsprop_eps_check`` reruns RMSprop with PyTorch's ``1e-8`` to
 show what a standard ``eps`` does on this plateau.
 """
@@ -89,7 +89,7 @@ class EscapeConfig(Config):
 
 
 def chain_loss_and_grad(w: torch.Tensor, x: float, y: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise chain loss ``(1/2)(y - x prod_i w_i)^2`` (002 App. C.2, Eq. (89)) and its exact gradient.
+    """Row-wise chain loss ``(1/2)(y - x prod_i w_i)^2`` (Orvieto et al. 2022, App. C.2, Eq. (89)) and its exact gradient.
 
     ``w``: ``[rows, L]``. ``dl/dw_i = (f - y) x prod_{j != i} w_j`` via exclusive prefix and suffix products
     (no division, so exact zeros are fine). Returns ``(loss [rows], grad [rows, L])``.
