@@ -1,11 +1,11 @@
 """Fashion-MNIST on a deep narrow ReLU MLP: SGD and momentum stall on the flat plateau at init, RMSprop and Adam
-train (seed 002 §3 "Curvature adaptation of RMSprop", §5, Fig. 5, 9).
+train (Orvieto et al. 2022, §3 "Curvature adaptation of RMSprop", §5, Fig. 5, 9).
 
-Setting (seed 002 App. A.1, Fig. 5): ReLU MLP with 32 hidden units per layer (128 hidden layers in the full preset,
+Setting (Orvieto et al. 2022, App. A.1, Fig. 5): ReLU MLP with 32 hidden units per layer (128 hidden layers in the full preset,
 fewer in quick), batch size 128, SGD, SGD + momentum 0.9, RMSprop and Adam, each with its learning rate grid-searched
 individually on training accuracy; training accuracy vs steps. The learning-rate grids, the init and the step
-budget are typeset-as-math details missing from the seed: our readings are the config defaults (He-uniform init,
-the seed's "optimal" variance; PyTorch's eps conventions for RMSprop/Adam, ``eps = 1e-8`` outside the root). All
+budget are typeset-as-math details missing from the paper: our readings are the config defaults (He-uniform init,
+the paper's "optimal" variance; PyTorch's eps conventions for RMSprop/Adam, ``eps = 1e-8`` outside the root). All
 optimizers start from the same initial weights and see the same batch order (:func:`optiscope.lab.compare`).
 """
 
