@@ -1,7 +1,7 @@
 """MLPs at initialization: gradient and Hessian-block norms vs depth, narrow vs wide, LeCun vs Xavier/He
-(seed 002 §4, Thm. 9-10, Fig. 1, 4, 12, 13, 15).
+(Orvieto et al. 2022, §4, Thm. 9-10, Fig. 1, 4, 12, 13, 15).
 
-Three measurements with :func:`optiscope.lab.init_check.init_check` (bias-free MLPs, teacher data of seed 002 App.
+Three measurements with :func:`optiscope.lab.init_check.init_check` (bias-free MLPs, teacher data of Orvieto et al. 2022, App.
 A.1: ``x ~ N(0, I_m)``, targets from a random one-hidden-layer ReLU net, square loss, float64):
 
 1. **Vanishing depth at width 32** (gradient only, many seeds): for every init scheme (LeCun / Xavier / He x
@@ -86,7 +86,7 @@ class MLPInitConfig(Config):
 
 def predicted_vanishing_depth(scheme: str, activation: str, width: int, threshold: float,
                               reference_depth: int = 2) -> dict[str, float | None]:
-    """Seed 002 Thm. 10 / Eq. (6) predictions for the depth where the median gradient norm falls to ``threshold``.
+    """Orvieto et al. 2022, Thm. 10 / Eq. (6) predictions for the depth where the median gradient norm falls to ``threshold``.
 
     Expectation level: ``||grad||^2 ~ gain^{L-1}`` so ``L = L_ref + 2 ln(1/threshold) / ln(1/gain)`` (``None`` for
     ``gain >= 1``). Log-normal median heuristic for the forward norm at critical gain: the median of
