@@ -7,7 +7,7 @@ the library's optimizers (:class:`optiscope.optim.SGD` as plain GD, :class:`opti
 
 * GD for several step sizes,
 * perturbed GD: a GD step followed by isotropic Gaussian noise ``N(0, r^2 I)`` on the weights (Du et al. 2017, the
-  seed's "directly add noise to the updates"), several noise levels ``r``,
+  paper's "directly add noise to the updates"), several noise levels ``r``,
 * RMSprop (Orvieto et al. 2022 form, no bias correction) for several learning rates,
 
 each for ``n_seeds`` seeds (noise and jitter come from one ``torch.Generator``), at every depth, and record the
