@@ -1,4 +1,4 @@
-"""One module per seed claim. Modules register themselves with :func:`optiscope.experiments.base.register`."""
+"""One module per reproduced claim (or group of claims) of a paper. Modules register themselves with :func:`optiscope.experiments.base.register`."""
 
 from optiscope.experiments.base import Claim, Result, get, register, registry, run_experiment
 
