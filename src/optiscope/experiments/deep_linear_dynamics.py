@@ -186,7 +186,7 @@ def trajectory(config: DeepLinearDynamicsConfig, depth: int, W_star: np.ndarray)
                                                     init_scale=1e-4, lr_factor=0.05, max_steps=1_000_000,
                                                     log_every=50, step_sizes=(1e-3, 1e-4, 1e-5, 1e-6))})
 def run(config: DeepLinearDynamicsConfig, store: RunStore) -> Result:
-    """Deep linear end-to-end dynamics (Arora et al. 2018, Eq. (1); spec 4j-1)."""
+    """Deep linear end-to-end dynamics (Arora et al. 2018, Eq. (1))."""
     rng = np.random.default_rng(config.seed)
     one_step = [one_step_check(config, depth, rng) for depth in config.depths]
     # ground truth for part B: random orthogonal U, V, geometric singular values
