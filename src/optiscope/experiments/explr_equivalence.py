@@ -248,7 +248,7 @@ def run_pair(config: ExpLRConfig, schedule: str, data, invariant: set[str], meas
                    "full": ExpLRConfig(n_train=60000, n_test=10000, width=256, depth=4, steps=20000,
                                        weight_decay=5e-4, log_every=50)})
 def run(config: ExpLRConfig, store: RunStore) -> Result:
-    """ExpLR equivalence (Li & Arora 2020, Theorem 1; spec Paper 3 §3i)."""
+    """ExpLR equivalence (Li & Arora 2020, Theorem 1)."""
     data = load_data(config)
     X, y = data.train
     probe = build_bn_mlp(config, X[0].numel(), data.n_classes)
