@@ -173,7 +173,7 @@ def singular_vector_uniformity(W: Any, side: str = "left") -> float:
 
 
 def perturbed_one_norm(g: Any, eps: float) -> float:
-    """``||g||_{1,eps} = sum_i sqrt(g_i^2 + eps)`` (Cattaneo et al. 2024, §1, "perturbed one-norm"; spec Paper 1, 1b).
+    """``||g||_{1,eps} = sum_i sqrt(g_i^2 + eps)`` (Cattaneo et al. 2024, §1, "perturbed one-norm").
 
     ``g``: a Tensor, array, or a dict/list of Tensors (concatenated, e.g. all ``param.grad``). ``eps`` is Adam's
     epsilon in the "eps inside the square root" convention.
@@ -191,7 +191,7 @@ def effective_rank(W: Any, log_eps: float = 0.0) -> float:
     """Effective rank (Roy & Vetterli 2007): ``exp(-sum_i p_i log p_i)``, ``p_i = sigma_i / sum_k sigma_k``.
 
     Zero singular values contribute 0 (``0 log 0 = 0``). ``log_eps`` adds a constant inside the log as the deep
-    matrix completion notebook does (1e-10 there; default 0 = the exact definition; spec Paper 4).
+    matrix completion notebook does (1e-10 there; default 0 = the exact definition).
     """
     A = _as_array(W, "W")
     if A.ndim != 2 or min(A.shape) == 0:
