@@ -1,7 +1,7 @@
 """Modified flows of Adam and RMSProp (Cattaneo et al. 2024, Thm. 3.1 and §2).
 
 Adam's iterates theta^(n) stay O(h) close to the *first-order flow* and O(h^2) close to the *second-order modified
-flow*, both piecewise ODEs whose right-hand side changes at t = nh (Cattaneo et al. 2024, Thm. 3.1, App. E; [DER+NUM] in the spec):
+flow*, both piecewise ODEs whose right-hand side changes at t = nh (Cattaneo et al. 2024, Thm. 3.1, App. E):
 
     first order:   dtheta/dt = -P^(n)(theta)
     second order:  dtheta/dt = -P^(n)(theta) - h [ Q^(n)(theta) + 1/2 (grad P^(n)) P^(n) (theta) ]     t in [nh, (n+1)h]
@@ -191,7 +191,7 @@ def _check_grad(g: Tensor) -> None:
 
 def full_batch_field(f: LossFn | _Oracle, theta: Tensor, hp: AdamHyper, n: int | None, order: int = 2,
                      exact: bool = True, space: ParamSpace | None = None, discrete: bool = False) -> Tensor:
-    """Right-hand side of the full-batch flow at flat ``theta`` on interval n (Cattaneo et al. 2024, §2 Eq. 2-3; spec 1b).
+    """Right-hand side of the full-batch flow at flat ``theta`` on interval n (Cattaneo et al. 2024, §2 Eq. 2-3).
 
     order 1: -a1 g / R.  order 2: -(a1/R)(g + kappa (H P)), kappa = theory.adam.correction_coefficient (exact
     piecewise c_b(n) if ``exact``, else asymptotic); ``discrete=True`` drops the 1/2 eps term (memoryless
@@ -267,7 +267,7 @@ def _space_for(theta: Tensor) -> ParamSpace:
 
 def minibatch_field(oracles: Sequence[_Oracle], schedule: Callable[[int], int], theta: Tensor, hp: AdamHyper,
                     n: int, order: int = 2, history: int | None = None, discrete: bool = False) -> Tensor:
-    """Right-hand side of the mini-batch piecewise ODE on interval n (Cattaneo et al. 2024, Thm. 3.1; spec 1c [DER+NUM]).
+    """Right-hand side of the mini-batch piecewise ODE on interval n (Cattaneo et al. 2024, Thm. 3.1).
 
     ``oracles[b]`` is batch b's loss, ``schedule(k)`` the batch used at iteration k. Sums over k run over
     max(0, n-K) .. n with K = ``history`` (default :func:`optiscope.theory.adam.truncation_horizon`); K >= n is
