@@ -87,7 +87,7 @@ def _check_step(n: int | None) -> None:
 
 
 def memory_coefficient(b: float, n: int | None = None) -> float:
-    """Memory coefficient of a bias-corrected EMA with parameter b at iteration n (Cattaneo et al. 2024, App. I; spec 1b [DER+NUM]).
+    """Memory coefficient of a bias-corrected EMA with parameter b at iteration n (Cattaneo et al. 2024, App. I).
 
         c_b(n) = sum_{k=0}^{n} (1-b) b^(n-k) (n-k) / (1 - b^(n+1))
                = b/(1-b) - (n+1) b^(n+1) / (1 - b^(n+1)),
@@ -105,7 +105,7 @@ def memory_coefficient(b: float, n: int | None = None) -> float:
 
 
 def moment_scale(b: float, n: int | None, bias_correction: bool) -> float:
-    """Scale a_b(n) of an EMA of a constant signal (Cattaneo et al. 2024, Def. 1.1; spec 1c).
+    """Scale a_b(n) of an EMA of a constant signal (Cattaneo et al. 2024, Def. 1.1).
 
     m^(n+1) of a constant x equals a_b(n) x with a_b(n) = 1 - b^(n+1) without bias correction and a_b(n) = 1 with it
     (the correction divides by exactly this factor). ``n=None`` is the asymptotic value 1.
@@ -120,7 +120,7 @@ def moment_scale(b: float, n: int | None, bias_correction: bool) -> float:
 def correction_coefficient(g, h: float, beta1: float, beta2: float, eps: float, n: int | None = None,
                            eps_inside_sqrt: bool = True, bias_correction: bool = True,
                            algorithm: Algorithm = "adam", include_discretisation: bool = True) -> np.ndarray:
-    """Per-coordinate coefficient kappa_j of the O(h) correction term (Cattaneo et al. 2024, §2 Eq. 3, Thm. 3.1; spec 1b [DER+NUM]).
+    """Per-coordinate coefficient kappa_j of the O(h) correction term (Cattaneo et al. 2024, §2 Eq. 3, Thm. 3.1).
 
     The full-batch modified flow is ``dtheta_j/dt = -(a1/R_j) (g_j + kappa_j [H P]_j)`` (module docstring) with
 
@@ -170,7 +170,7 @@ def correction_coefficient(g, h: float, beta1: float, beta2: float, eps: float, 
 
 
 def one_norm_coefficient(h: float, beta1: float, beta2: float) -> float:
-    """Coefficient lambda_1 of ||grad E||_1 in the small-eps modified loss (Cattaneo et al. 2024, §2 Eq. 4-5, Table 1; spec 1b).
+    """Coefficient lambda_1 of ||grad E||_1 in the small-eps modified loss (Cattaneo et al. 2024, §2 Eq. 4-5, Table 1).
 
     When sqrt(eps) << |g_j| for all j, the flow is sign-descent-like on
     E~ = E + lambda_1 ||grad E||_1 with lambda_1 = (h/2) ( (1+b1)/(1-b1) - (1+b2)/(1-b2) ) = h (b1/(1-b1) - b2/(1-b2)).
@@ -182,7 +182,7 @@ def one_norm_coefficient(h: float, beta1: float, beta2: float) -> float:
 
 
 def two_norm_coefficient(h: float, beta1: float, eps: float, eps_inside_sqrt: bool = True) -> float:
-    """Coefficient lambda_2 of ||grad E||_2^2 in the large-eps modified loss (Cattaneo et al. 2024, §2 Eq. 6-7, Ex. 2.1; spec 1b).
+    """Coefficient lambda_2 of ||grad E||_2^2 in the large-eps modified loss (Cattaneo et al. 2024, §2 Eq. 6-7, Ex. 2.1).
 
     When sqrt(eps) >> |g_j| (eps inside) the flow is heavy-ball-like, dtheta/dt = -eps^{-1/2} grad E~ with
     E~ = E + lambda_2 ||grad E||^2, lambda_2 = h (1+b1) / (4 sqrt(eps) (1-b1)); with eps outside (eps >> |g_j|)
@@ -236,7 +236,7 @@ def eps_regime(g, eps: float, eps_inside_sqrt: bool = True, margin: float = 10.0
 
 
 def eps_outside_norm(v, eps: float) -> float:
-    """The eps-outside analogue of the perturbed one-norm (spec 1b, eps outside [DER+NUM]; form in paper [UNKNOWN]).
+    """The eps-outside analogue of the perturbed one-norm (spec 1b, eps outside; form in paper [UNKNOWN]).
 
         Phi_eps(v) = sum_i ( |v_i| - eps log(1 + |v_i|/eps) ),   d Phi_eps / d v_i = v_i / (|v_i| + eps),
 
