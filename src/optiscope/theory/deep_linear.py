@@ -1,4 +1,4 @@
-"""End-to-end dynamics of depth-N linear networks (Arora et al. 2018, "Linear Networks via GD Trajectory"; spec Paper 4).
+"""End-to-end dynamics of depth-N linear networks (Arora et al. 2018, "Linear Networks via GD Trajectory").
 
 A depth-N linear network computes ``x -> W_e x`` with the end-to-end matrix ``W_e = W_N W_{N-1} ... W_1``,
 ``W_j in R^{d_j x d_{j-1}}``, ``W_e in R^{k x d}``. If the factors are *balanced*
@@ -77,7 +77,7 @@ def end_to_end_matrix(factors: Sequence) -> np.ndarray:
 
 
 def balancedness(factors: Sequence) -> float:
-    """``max_j ||W_{j+1}^T W_{j+1} - W_j W_j^T||_F`` (0 for balanced factors; spec 4j-1 "Balancedness")."""
+    """``max_j ||W_{j+1}^T W_{j+1} - W_j W_j^T||_F`` (0 for balanced factors)."""
     mats = [_as_matrix(F, f"factors[{j}]") for j, F in enumerate(factors)]
     if len(mats) < 2:
         return 0.0
@@ -140,7 +140,7 @@ def preconditioner_kronecker(W_e, depth: int) -> np.ndarray:
 def apply_preconditioner(W_e, G, depth: int) -> np.ndarray:
     """Matrix-free ``P_{W_e}`` applied to a k x d matrix: ``sum_j [W W^T]^{(j-1)/N} G [W^T W]^{(N-j)/N}``.
 
-    Equals ``unvec(P_{W_e} vec(G))`` (Arora et al. 2018, Eq. (1); spec 4j-1 Thm. 1, without the step size and decay).
+    Equals ``unvec(P_{W_e} vec(G))`` (Arora et al. 2018, Eq. (1)).
     """
     N = _check_depth(depth)
     W = _as_matrix(W_e, "W_e")
