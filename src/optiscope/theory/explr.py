@@ -1,4 +1,4 @@
-r"""Exponential learning-rate equivalence for scale-invariant losses (Li & Arora 2020; spec "Paper 3", §3i).
+r"""Exponential learning-rate equivalence for scale-invariant losses (Li & Arora 2020).
 
 Setting (Li & Arora, ICLR 2020). Momentum SGD in PyTorch's convention with coupled L2 weight decay ``lambda``::
 
@@ -36,7 +36,7 @@ def _check(lr: float, weight_decay: float, momentum: float) -> None:
 
 
 def explr_alpha(lr: float, weight_decay: float, momentum: float) -> float:
-    r"""The per-step scale factor alpha of the exponential-LR equivalence (Li & Arora 2020; spec Paper 3, §3i theorem).
+    r"""The per-step scale factor alpha of the exponential-LR equivalence (Li & Arora 2020).
 
     ``alpha`` is the larger root of ``x^2 - (1 + gamma - lambda eta) x + gamma = 0``::
 
@@ -62,7 +62,7 @@ def explr_alpha(lr: float, weight_decay: float, momentum: float) -> float:
 
 
 def exponential_lr(lr: float, weight_decay: float, momentum: float, t: Any) -> Any:
-    r"""The equivalent exponential schedule ``lr_t = eta * alpha^(-2t-1)`` (Li & Arora 2020; spec Paper 3, §3i).
+    r"""The equivalent exponential schedule ``lr_t = eta * alpha^(-2t-1)`` (Li & Arora 2020).
 
     ``t`` is the step index (int or array, ``t = 0`` is the first update). Valid with the initial buffer of
     :func:`initial_momentum_buffer`. Returns a float for scalar ``t``, else a numpy array.
