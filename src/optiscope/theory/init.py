@@ -510,7 +510,7 @@ def min_width_for_median(depth: int, activation: Activation, level: float = 0.5)
 
 
 def hessian_block_scaling(depth: int, gain: float) -> dict[str, float]:
-    """Thm. 10 scalings (in expectation) of squared norms at init, relative to depth 0 (Orvieto et al. 2022, §4, Thm. 10; spec h).
+    """Thm. 10 scalings (in expectation) of squared norms at init, relative to depth 0 (Orvieto et al. 2022, §4, Thm. 10).
 
     ``E||grad_{W_l} l||^2 ~ gain^{L-1}``, off-diagonal blocks ``E||H_lk||_F^2 ~ gain^{L-2}`` (residual term),
     diagonal blocks ``E||H_ll||_F^2 ~ gain^{2(L-1)}`` (pure Gauss-Newton ``J_l^T J_l``): with a sub-critical gain
