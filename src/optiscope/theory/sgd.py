@@ -860,7 +860,7 @@ class Asymptotics:
 def asymptotic_loss(spectrum: Spectrum, lr: float, momentum: float, batch_size: int, nu: float, kappa: float,
                     Lambda: float = 1.0, K: float = 1.0, dataset_size: int | None = None, tau1: float = 1.0,
                     tau2: float = 1.0) -> Asymptotics:
-    """Constants of Eqs. 28a/28b (Velikanov et al. 2023, §6; spec e, checked at Lambda = 1)::
+    """Constants of Eqs. 28a/28b (Velikanov et al. 2023, §6)::
 
         C_signal = K Gamma(zeta + 1) / (2 (1 - U~(1)) (2 Lambda alpha_eff)^zeta)
         C_noise  = gamma tau1 Lambda^(1/nu) Gamma(2 - 1/nu) V~(1) alpha_eff^2 / (2 nu (1 - U~(1))^2 (2 alpha_eff)^xi)
