@@ -20,7 +20,7 @@ one_norm       perturbed one-norm ``sum_i sqrt(g_i^2 + eps)`` (Cattaneo et al. 2
 r_med          per-layer R_med on exact sampled Hessian diagonal entries (Jiang et al. 2023, §3.2, Eq. 1)
 diag_dominance diagonal dominance of the sampled Hessian block (Jiang et al. 2023, App. E)
 sharpness      top Hessian eigenvalue, Lanczos warm-started from the previous checkpoint's vectors
-trace          Hessian trace (Hutch++)
+trace          Hessian trace (adaptive Hutchinson / XTrace)
 precond_sharpness  top eigenvalue of P^-1/2 H P^-1/2, P the optimizer's diagonal preconditioner (Cohen et al. 2022)
 weight_spectrum    singular values, effective rank and R_u per 2-D layer (Jiang et al. 2023, §6)
 adam_alignment Hessian diagonal vs |gradient| and |adaptive update| on the sampled coordinates (Jiang et al. 2023, §4.3)
@@ -506,11 +506,12 @@ class SharpnessProbe(Probe):
 
 
 class TraceProbe(Probe):
-    """``trace``: ``tr H`` by Hutch++ with ``n_probes`` Hessian-vector products (seeded from the run)."""
+    """``trace``: ``tr H`` with ``n_probes`` Hessian-vector products (seeded from the run) by ``method`` (default:
+    ``Hessian.trace``'s, the adaptive Hutchinson-or-XTrace estimator; ``"hutch++"``, ``"hutchinson"``, ``"xtrace"``)."""
 
     name = "trace"
 
-    def __init__(self, n_probes: int = 30, method: str = "hutch++"):
+    def __init__(self, n_probes: int = 30, method: str = "adaptive"):
         if int(n_probes) < 3:
             raise ValueError(f"trace probe: n_probes={n_probes!r} must be >= 3")
         self.n_probes, self.method = int(n_probes), method
