@@ -175,4 +175,5 @@ def test_cli_bad_spectrum_files(tmp_path, arrays, msg):
 def test_cli_batch_larger_than_dataset():
     r = _cli(["--spectrum", "powerlaw:nu=1.5,kappa=0.5,n=100", "--lr", "0.1", "--batch", "64", "--dataset-size",
               "32", "--steps", "5"])
-    assert r.exit_code == 2 and "larger than the dataset" in r.output
+    # one-line message naming both options (the CLI checks this before the theory's own "larger than the dataset")
+    assert r.exit_code == 2 and "--dataset-size 32" in r.output and "--batch 64" in r.output
