@@ -62,6 +62,12 @@ def test_compare_from_config_file_with_set(tmp_path):
     (["--set", "steps"], "malformed override 'steps'"),
     (["--set", "stepz=3"], "unknown config field"),
     (["--steps", "0"], "field 'steps' = 0 is invalid"),
+    (["--probes", ""], "field 'probes' = \\(\\) is invalid; allowed: at least one probe"),
+    (["--model", "mlp:gain=nan"], "gain = nan is not a finite number"),
+    (["--opt", "adam:lr=inf"], "lr = inf is not a finite number"),
+    (["--set", "steps=2.7"], "field 'steps' = 2.7 is invalid; allowed: an integer"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--keep-checkpoints", "0"], "keep-checkpoints"),
 ])
 def test_bad_input_errors(tmp_path, args, needle):
     import re
@@ -89,3 +95,26 @@ def test_demo_short(tmp_path):
     assert {"sgdm", "adam"} == set(st.read_manifest()["runs"])
     assert {"loss", "r_med", "sharpness", "one_norm"} <= set(st.read_metrics()["metric"])
     assert (out / "report.md").exists() and (out / "figures" / "r_med.png").exists()
+
+
+def test_sgd_theory_bad_spectrum_and_kernel_files(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("eigenvalues: [1, 2]\n")
+    for args, needle in ((["--spectrum", ""], "--spectrum is empty"),
+                         (["--spectrum", str(bad)], f"spectrum file {bad} is not a NumPy .npz archive"),
+                         (["--kernel", str(bad)], f"kernel file {bad} is not a NumPy .npz archive"),
+                         (["--spectrum", "powerlaw:nu=2,kappa=1,n=2.5"], "powerlaw n = 2.5 must be an integer")):
+        r = invoke("sgd-theory", *args, "--lr", "0.1", "--batch", "4", "--steps", "10", "--quiet")
+        text = " ".join(r.output.split())
+        assert r.exit_code == 2 and needle in text and "Traceback" not in text, text
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    for text, needle in (("steps: [1\n", "is not valid YAML"),
+                         ("steps: !!python/object/apply:os.system ['true']\n", "could not determine a constructor"),
+                         ("- 1\n", "must hold a mapping")):
+        p = tmp_path / "c.yaml"
+        p.write_text(text)
+        r = invoke("compare", "--config", str(p), "--out", str(tmp_path / "o"))
+        out = " ".join(r.output.split())
+        assert r.exit_code == 2 and str(p) in out and needle in out, out
