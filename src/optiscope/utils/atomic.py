@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-
 TEMP_FILE_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 """Names of the temporary files :func:`atomic_write` creates (``.NAME.`` + 8 random characters + ``.tmp``)."""
 
