@@ -311,7 +311,7 @@ class GradNormProbe(Probe):
 
 class OneNormProbe(Probe):
     """``one_norm``: the perturbed one-norm ``||g||_{1,eps} = sum_i sqrt(g_i^2 + eps)`` of the probe-batch gradient
-    (Cattaneo et al. 2024, §2, Eq. 3; spec §1b). ``eps``: the ``eps`` option if given, else ``optimizer.perturbation_eps``, else
+    (Cattaneo et al. 2024, §2, Eq. 3). ``eps``: the ``eps`` option if given, else ``optimizer.perturbation_eps``, else
     1e-8 (Adam's default with eps inside the square root). The eps used is recorded as ``one_norm_eps``."""
 
     name = "one_norm"
@@ -341,7 +341,7 @@ def weight_matrix_params(model: nn.Module) -> list[str]:
 
 class RMedProbe(Probe):
     """``r_med``: per layer, ``R_med = max_i h_i / (median_i h_i + delta)`` over ``per_layer`` sampled exact
-    Hessian diagonal entries ``h_i = e_i^T H e_i`` (Jiang et al. 2023, §3.2, Eq. 1; spec §2f). The coordinates are sampled once
+    Hessian diagonal entries ``h_i = e_i^T H e_i`` (Jiang et al. 2023, §3.2, Eq. 1). The coordinates are sampled once
     per run (seed from the run) and reused at every checkpoint. Also records ``r_med_nonpositive`` (count of
     h_i <= 0), ``r_med_zeros`` (exact zeros, left out of max and median: ``metrics.r_med``; a layer with at least
     ``ZERO_DIAGONAL_WARN_FRACTION`` of them, or without a defined ratio (recorded as NaN), gets one
