@@ -1,12 +1,12 @@
-"""Runs: optimizers on a Problem with probes at checkpoints, stored so that nothing is lost (seed 000 §4 method).
+"""Runs: optimizers on a Problem with probes at checkpoints, stored so that nothing is lost (Jiang et al. 2023, §4 method).
 
 - :class:`Run` trains one optimizer (or a sequence of optimizers, for :func:`switch`) for ``steps`` updates.
   Step ``t`` means "after t updates"; probes run at step 0, every ``probe_every`` steps, at ``probe_steps`` and at
   the last step. Batch ``t`` is a pure function of ``(data_seed, t)``, so a run resumed from a checkpoint sees the
   same batches as an uninterrupted one.
 - :func:`compare`: several optimizers from deep copies of one initial model, with identical batch order.
-- :func:`switch`: optimizer A until ``switch_step``, then B (seed 000 App. A.4).
-- :func:`repeat`: R runs from one initial model with different data orders, mean/std per layer (seed 000 §4.1).
+- :func:`switch`: optimizer A until ``switch_step``, then B (Jiang et al. 2023, App. A.4).
+- :func:`repeat`: R runs from one initial model with different data orders, mean/std per layer (Jiang et al. 2023, §4.1).
 - :func:`match_by_loss`: for each checkpoint of A the checkpoint of B with the nearest training loss (App. A.3).
 
 Divergence. A non-finite loss, gradient or parameter, or a loss above ``divergence_factor`` times the initial
@@ -761,7 +761,7 @@ def _open(store) -> RunStore | None:
 def compare(problem: Problem, optimizers: Mapping[str, OptimizerLike], steps: int, store: Any = None,
             resume: bool = False, **run_kwargs: Any) -> CompareResult:
     """Train every optimizer in ``optimizers`` (``{name: spec}``) from a deep copy of the same initial model with the
-    same batch order (seed 000 §4: "we started from the same initial weights"). ``problem.model`` is not changed.
+    same batch order (Jiang et al. 2023, §4: "we started from the same initial weights"). ``problem.model`` is not changed.
     A diverging optimizer is recorded (``"diverged at step t"``) and the others continue. ``run_kwargs`` go to
     :class:`Run`."""
     if not isinstance(optimizers, Mapping) or not optimizers:
@@ -799,7 +799,7 @@ def compare(problem: Problem, optimizers: Mapping[str, OptimizerLike], steps: in
 
 def switch(problem: Problem, first: OptimizerLike, second: OptimizerLike, switch_step: int, steps: int,
            store: Any = None, resume: bool = False, name: str | None = None, **run_kwargs: Any) -> RunResult:
-    """Optimizer ``first`` for updates ``[0, switch_step)``, then a freshly initialised ``second`` (seed 000 App. A.4,
+    """Optimizer ``first`` for updates ``[0, switch_step)``, then a freshly initialised ``second`` (Jiang et al. 2023, App. A.4,
     "Adam after SGD"). Trains a deep copy of ``problem.model``; rows carry optimizer ``"first->second"``."""
     steps = count_arg("steps", steps, 0)
     switch_step = count_arg("switch_step", switch_step, None)
@@ -812,7 +812,7 @@ def switch(problem: Problem, first: OptimizerLike, second: OptimizerLike, switch
 
 def repeat(problem: Problem, optimizer: OptimizerLike, n_repeats: int, steps: int, store: Any = None,
            resume: bool = False, name: str | None = None, seed: int = 0, **run_kwargs: Any) -> RepeatResult:
-    """``n_repeats`` runs from the same initial model with data orders ``data_seed = seed + r`` (seed 000 §4.1:
+    """``n_repeats`` runs from the same initial model with data orders ``data_seed = seed + r`` (Jiang et al. 2023, §4.1:
     "repeated 12 times starting from the same initialization"); ``summary`` has the mean and sample standard
     deviation of every metric and layer at every step over the runs that reached it."""
     n_repeats = count_arg("n_repeats", n_repeats, 1)
@@ -849,7 +849,7 @@ def _curve(metrics: Any, metric: str, layer: str) -> pd.Series:
 
 def match_by_loss(metrics_a: Any, metrics_b: Any, metric: str = "loss", layer: str = "") -> pd.DataFrame:
     """For each checkpoint ``t1`` of run A, the checkpoint ``t2`` of run B whose ``metric`` (training loss) is nearest
-    to A's (seed 000 App. A.3: compare R_med^Adam(t1) with R_med^SGD(t2) where the losses are equal).
+    to A's (Jiang et al. 2023, App. A.3: compare R_med^Adam(t1) with R_med^SGD(t2) where the losses are equal).
 
     Columns: ``step_a, value_a, step_b, value_b, step_b_interp``; ``step_b_interp`` is the (fractional) step at
     which B's piecewise-linear curve first reaches ``value_a`` (NaN if it never does)."""
