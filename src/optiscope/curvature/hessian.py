@@ -536,6 +536,10 @@ class Hessian:
             except (RuntimeError, NotImplementedError) as e:
                 self._graph_batched_ok = False
                 self.vmap_fallback_reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if b == 1:  # one vector: no stacking copy
+            hv = torch.autograd.grad(graph.grads, graph.inputs, grad_outputs=[t[0] for t in chunk],
+                                     retain_graph=True, allow_unused=True, materialize_grads=True)
+            return {n: h.detach()[None] for n, h in zip(names, hv)}
         cols = []
         for k in range(b):
             hv = torch.autograd.grad(graph.grads, graph.inputs, grad_outputs=[t[k] for t in chunk],
@@ -565,7 +569,8 @@ class Hessian:
         else:
             chooser = _ChunkChooser(CHUNK_CACHE.setdefault(self._cache_key, {}), self.max_chunk_size,
                                     self.device, request=B)
-        parts, s = [], 0
+        out: dict[str, Tensor] | None = None
+        s = 0
         while s < B:
             if chooser is None:
                 c, timed = min(self._chunk_size, B - s), False
@@ -574,14 +579,19 @@ class Hessian:
             chunk = {n: t[s:s + c] for n, t in V.items()}
             if timed:
                 t0 = chooser.clock()
-                parts.append(fn(chunk))
+                part = fn(chunk)
                 chooser.record(c, chooser.clock() - t0)
             else:
-                parts.append(fn(chunk))
+                part = fn(chunk)
+            if c == B:
+                return part
+            if out is None:  # results are written in place: no list of parts and no concatenation copy
+                out = {n: torch.empty((B, *self.shapes[n]), dtype=part[n].dtype, device=part[n].device)
+                       for n in self.param_names}
+            for n in self.param_names:
+                out[n][s:s + c] = part[n]
             s += c
-        if len(parts) == 1:
-            return parts[0]
-        return {n: torch.cat([p[n] for p in parts]) for n in self.param_names}
+        return out
 
     def _matmat(self, X: Tensor) -> Tensor:
         """Flat ``[B, n] -> [B, n]``: ``H X^T`` row by row (internal vectors: no validation)."""
