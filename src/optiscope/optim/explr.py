@@ -19,7 +19,7 @@ from optiscope.theory.explr import (equivalent_schedule, explr_alpha, exponentia
 class ExpLR(torch.optim.lr_scheduler.LRScheduler):
     r"""Learning rates ``lr_t`` that make momentum SGD *without* weight decay reproduce a run *with* weight decay.
 
-    Li & Arora 2020; spec "Paper 3" §3i. The replaced run is momentum SGD (PyTorch convention) with coupled L2 weight
+    Li & Arora 2020. The replaced run is momentum SGD (PyTorch convention) with coupled L2 weight
     decay ``weight_decay`` and per-step learning rates ``eta_t = base_lr * multiplier_t`` (``multipliers=None``:
     constant). This scheduler sets, for step ``t = 0, 1, ...`` (the step taken after the ``t``-th
     ``scheduler.step()`` call, counting construction as the 0-th)::
