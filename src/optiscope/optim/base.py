@@ -7,7 +7,7 @@ and the paper section it comes from. On top of ``step`` each one exposes
   the current per-coordinate denominator ``P`` of an adaptive method (its update is ``lr * m / P`` with ``m`` the
   (bias-corrected) first moment or the gradient), ``None`` for a non-adaptive method;
 * ``perturbation_eps``: the ``eps`` of the perturbed one-norm ``||v||_{1,eps} = sum_i sqrt(v_i^2 + eps)`` (Cattaneo et al. 2024
-  §3, spec "Paper 1" 1b) that the method implicitly regularises, i.e. the optimizer's own ``eps``; ``None`` for
+  §3) that the method implicitly regularises, i.e. the optimizer's own ``eps``; ``None`` for
   methods without one.
 
 Non-finite gradients are not an error here: the update is applied as the rule says (the parameters become
