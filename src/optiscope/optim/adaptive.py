@@ -1,6 +1,6 @@
 """Adaptive optimizers with exact, documented update rules: Adam, RMSProp, Adagrad, AMSGrad.
 
-Notation (Cattaneo et al. 2024 / spec "Paper 1" §1a): ``g`` gradient at the current iterate (plus coupled L2 weight decay
+Notation (Cattaneo et al. 2024, §1): ``g`` gradient at the current iterate (plus coupled L2 weight decay
 ``weight_decay * theta`` when set), ``m`` first-moment EMA, ``v`` second-moment EMA, ``n = 0, 1, 2, ...`` the index
 of the step being taken (so the bias-correction powers are ``n + 1``), all operations componentwise.
 """
