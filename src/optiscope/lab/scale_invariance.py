@@ -2,7 +2,7 @@
 
 A loss is scale-invariant in a parameter group ``theta_g`` if ``L(.., c theta_g, ..) = L(.., theta_g, ..)`` for all
 ``c > 0`` (weights feeding a BatchNorm/LayerNorm/GroupNorm, up to the normalisation's ``eps``). Li & Arora 2020, Lemma 1
-(spec "Paper 3" §3i) then gives, per group::
+(Li & Arora 2020) then gives, per group::
 
     <grad_g L(theta), theta_g> = 0              and        grad_g L(c theta_g) = grad_g L(theta) / c.
 
