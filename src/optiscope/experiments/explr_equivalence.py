@@ -1,6 +1,6 @@
 """Weight decay + constant LR + momentum == exponentially growing LR without weight decay (Li & Arora 2020, Theorem 1).
 
-The research notes after Li & Arora 2020, "Exponential Learning Rates"; formulas in spec "Paper 3" §3i, implemented in
+The research notes after Li & Arora 2020, "Exponential Learning Rates"; formulas implemented in
 :mod:`optiscope.theory.explr` and :class:`optiscope.optim.ExpLR`. Two runs of an MLP with BatchNorm on
 Fashion-MNIST, same initialisation and mini-batch order:
 
