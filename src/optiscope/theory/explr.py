@@ -76,7 +76,7 @@ def exponential_lr(lr: float, weight_decay: float, momentum: float, t: Any) -> A
 def initial_momentum_buffer(theta0: Any, lr: float, weight_decay: float, momentum: float) -> Any:
     r"""Momentum buffer ``w_0`` with which the exp run reproduces a WD run started from a zero buffer.
 
-    Li & Arora 2020; spec Paper 3, §3i ("initial condition for exactness"): ``phi_0 = theta_0`` and
+    Li & Arora 2020 ("initial condition for exactness"): ``phi_0 = theta_0`` and
     ``phi_{-1} = alpha theta_{-1}`` with ``theta_{-1} = theta_0``, i.e. ::
 
         w_0 = -(1 - alpha) theta_0 / (eta alpha)
@@ -111,7 +111,7 @@ def equivalent_schedule(lrs: Sequence[float] | np.ndarray, weight_decay: float, 
                         start: Literal["exponential", "zero_buffer"] = "exponential") -> EquivalentSchedule:
     r"""Learning rates of the no-WD run equivalent to a WD run with any per-step schedule ``eta_t``.
 
-    Li & Arora 2020 (TEXP); spec Paper 3, §3i "General schedule" recurrence. With ``r_t = eta_t / eta_{t-1}``
+    Li & Arora 2020 (TEXP), the general-schedule recurrence. With ``r_t = eta_t / eta_{t-1}``
     (``r_0 = 1``)::
 
         a_0 = 1,   a_{t+1} = (1 + gamma r_t - eta_t lambda) a_t - gamma r_t a_{t-1},   lr_t = eta_t / (a_t a_{t+1})
