@@ -123,7 +123,7 @@ def balanced_factors(W_e, depth: int, hidden: int | None = None, rng: np.random.
 def preconditioner_kronecker(W_e, depth: int) -> np.ndarray:
     """Dense ``P_{W_e} = sum_{j=1}^N [W_e^T W_e]^{(N-j)/N} (x) [W_e W_e^T]^{(j-1)/N}`` (kd x kd).
 
-    Arora et al. 2018, Eq. (1); spec Paper 4, 4j-1 Claim 1 (column-major vec). PSD; for N = 1 it is the identity.
+    Arora, Cohen & Hazan 2018, Thm. 1 and Claim 1 (column-major vec). PSD; for N = 1 it is the identity.
     """
     N = _check_depth(depth)
     W = _as_matrix(W_e, "W_e")
