@@ -436,7 +436,7 @@ class StrippedResNet(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    r"""The CNN of Cattaneo et al. 2024, App. H.4 (authors' code, spec "Paper 1" §1e).
+    r"""The CNN of Cattaneo et al. 2024, App. H.4 (authors' code).
 
     Three blocks ``[conv3x3 -> ReLU -> conv3x3 -> ReLU -> maxpool2]`` with ``channels = (32, 64, 128)`` and 'same'
     padding, then ``Flatten -> Linear(., hidden=512) -> ReLU -> Linear(512, n_classes)``. Default ``init="torch"``
