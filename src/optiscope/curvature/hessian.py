@@ -361,10 +361,16 @@ class Hessian:
                     raise ValueError(f"V[{n!r}] has batch size {t.shape[0]}, others have {B}")
             if t.is_complex():
                 raise ValueError(f"v[{n!r}] is complex ({t.dtype}); the Hessian acts on real vectors")
-            t = t.to(dtype=self.dtype, device=self.device)
-            if t.numel() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"v[{n!r}] contains NaN or infinite entries; H v is defined for finite vectors")
-            out[n] = t
+            out[n] = t.to(dtype=self.dtype, device=self.device)
+        # one reduction and one synchronisation for all tensors: a NaN or inf entry makes the sum non-finite (as
+        # does a sum that overflows, whose H v would overflow too); then name the tensor
+        total = sum(t.sum(dtype=torch.float64) for t in out.values())
+        if not math.isfinite(float(total)):
+            for n, t in out.items():
+                if t.numel() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"v[{n!r}] contains NaN or infinite entries; H v is defined for finite "
+                                     "vectors")
+            raise ValueError("v is too large: the sum of its entries overflows float64")
         return out
 
     # ---------------------------------------------------------------------------------------------- HVP core
