@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Hessian", "Tracker", "__version__"]
+__all__ = ["DistributedHessian", "Hessian", "Tracker", "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,6 +17,10 @@ def __getattr__(name: str):
         from optiscope.curvature import Hessian
 
         return Hessian
+    if name == "DistributedHessian":
+        from optiscope.curvature import DistributedHessian
+
+        return DistributedHessian
     if name == "Tracker":
         from optiscope.lab.tracker import Tracker
 

@@ -5,6 +5,7 @@
 """
 
 from optiscope.curvature._problem import NonFiniteLossError
+from optiscope.curvature.distributed import DistributedHessian
 from optiscope.curvature.hessian import (
     BlockNormResult,
     DensityResult,
@@ -17,6 +18,16 @@ from optiscope.curvature.hessian import (
 from optiscope.curvature.trace import TRACE_METHODS, TraceResult, trace_estimate
 
 __all__ = [
-    "Hessian", "DiagonalResult", "DiagonalBlockResult", "DiagonalEstimate", "EigenResult", "TraceResult",
-    "DensityResult", "BlockNormResult", "NonFiniteLossError", "TRACE_METHODS", "trace_estimate",
+    "TRACE_METHODS",
+    "BlockNormResult",
+    "DensityResult",
+    "DiagonalBlockResult",
+    "DiagonalEstimate",
+    "DiagonalResult",
+    "DistributedHessian",
+    "EigenResult",
+    "Hessian",
+    "NonFiniteLossError",
+    "TraceResult",
+    "trace_estimate",
 ]

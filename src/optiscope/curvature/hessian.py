@@ -214,6 +214,16 @@ class Hessian:
                         tuple(tuple(s) for s in H.shapes.values()), str(H.dtype), str(H.device), batch_mode)
         return H
 
+    @classmethod
+    def distributed(cls, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Any,
+                    process_group: Any = None, **kwargs: Any) -> Hessian:
+        """Data-parallel Hessian under ``torch.distributed``: ``data`` is this rank's shard and the operator is the
+        Hessian of the mean loss over all ranks' samples (one all-reduce per HVP batch; collective: every rank
+        calls it). See :class:`optiscope.curvature.distributed.DistributedHessian` for the options and checks."""
+        from optiscope.curvature.distributed import DistributedHessian
+
+        return DistributedHessian(model, loss_fn, data, process_group=process_group, **kwargs)
+
     def _init(self, problem: LossFunction, chunk_size: int | None, memory_budget_mb: float,
               batch_mode: str, keep_graph: bool | None = None) -> None:
         if batch_mode not in BATCH_MODES:
