@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_EXPERIMENTS = "adam_bilinear,init_arch,rmed_lowrank,explr_scale_invariance"
+DEFAULT_EXPERIMENTS = "adam_bilinear,explr_scale_invariance,rmed_lowrank,deep_linear_dynamics"
 
 
 def _reproduce_round(names: list[str], root: Path, k: int) -> dict:
@@ -43,7 +43,7 @@ def _sweep_round(root: Path, k: int) -> dict:
     from optiscope.lab.sweep import sweep
 
     base = CompareConfig(model="mlp:depth=3,width=64", data="digits", optimizers=("sgdm:momentum=0.9",),
-                         steps=300, batch_size=64, probe_every=100, probes=("loss", "sharpness:max_iter=20"),
+                         steps=1000, batch_size=64, probe_every=250, probes=("loss", "sharpness:max_iter=20"),
                          probe_size=512)
     kw = dict(lrs=[0.01, 0.03, 0.1], seeds=[0, 1, 2])
     out = {}

@@ -8,7 +8,9 @@
   :class:`PoolError` after ``connect_timeout`` seconds, never a hang.
 - A Ray session that is already initialised in this process is reused (and left running).
 - Ray's own memory monitor is off for a local pool (``RAY_memory_monitor_refresh_ms=0`` unless set): it kills jobs
-  when the machine as a whole runs short of memory, also for memory other users' processes hold.
+  when the machine as a whole runs short of memory, also for memory other users' processes hold. Workers run at
+  the caller's priority (``RAY_worker_niceness=0``; Ray's default, nice 15, starves them on a shared machine) and
+  are ordinary OOM candidates (``RAY_worker_oom_score_adjustment=0``).
 
 :func:`run_jobs` submits jobs, keeps ``workers`` of them in flight and calls ``on_event(key, event, info)`` with
 ``"started"`` and ``"done"`` events, so a caller can draw one progress view across all jobs. A job that raises is
@@ -130,6 +132,9 @@ def start_pool(workers: int | None = None, address: str | None = None, connect_t
             # Ray also marks its workers as the kernel's first OOM victims (oom_score_adj 1000); on a shared machine
             # that sacrifices our jobs for others' memory. Make them ordinary processes.
             os.environ.setdefault("RAY_worker_oom_score_adjustment", "0")
+            # and Ray starts its workers at nice 15: on a machine shared with other (nice 0) work they then get a
+            # sliver of the CPU and "parallel" runs slower than one process. Same priority as the caller.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             for attempt in (1, 2):  # Ray's start-up can time out on an overloaded machine; try once more
                 try:
                     ray.init(num_cpus=workers or cpus, include_dashboard=False, log_to_driver=False,
