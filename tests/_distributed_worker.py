@@ -213,5 +213,66 @@ def main() -> None:
     os._exit(0)  # skip destroy_process_group: the timed-out collective left the group unusable
 
 
+def tracker_main(store: str) -> None:
+    """``Tracker(distributed=True)`` in a DDP training loop: each rank trains on its own batches; the probes are
+    over both ranks' probe data; only rank 0 writes ``store``; resume continues the run."""
+    import numpy as np
+    from torch.nn.parallel import DistributedDataParallel
+
+    from optiscope.lab.store import RunStore
+    from optiscope.lab.tracker import Tracker
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(40, 5, generator=g)
+    Y = torch.randint(0, 3, (40,), generator=g)
+    probe = [(X[:9], Y[:9]), (X[9:20], Y[9:20])]  # rank 0: 9 samples, rank 1: 11
+    train = [(X[20 + 10 * rank + 2 * k: 22 + 10 * rank + 2 * k], Y[20 + 10 * rank + 2 * k: 22 + 10 * rank + 2 * k])
+             for k in range(5)]
+    ddp = DistributedDataParallel(make_model())
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    loss_fn = nn.CrossEntropyLoss()
+    tr = Tracker(ddp, loss_fn, probe[rank], probes=["loss", "sharpness", "grad_norm"], every=2, store=store,
+                 distributed=True, name="ddp")
+    check((tr.store is None) == (rank != 0), f"rank {rank} store {tr.store}")
+    seen = {}
+    for t in range(5):
+        flat_metrics = tr.step(t, optimizer=opt)
+        if flat_metrics is not None:
+            R = Hessian(ddp.module, loss_fn, probe)
+            D = R.dense()
+            close(flat_metrics["sharpness"], torch.linalg.eigvalsh(D)[-1], f"sharpness at step {t}", tol=1e-6)
+            close(flat_metrics["loss"], R.loss(), f"loss at step {t}")
+            close(flat_metrics["grad_norm"], float(R.flatten(R.gradient()).norm()), f"grad_norm at step {t}")
+            seen[t] = flat_metrics
+        x, y = train[t]
+        opt.zero_grad()
+        loss_fn(ddp(x), y).backward()
+        opt.step()
+    tr.close()
+    gathered = [None] * 2
+    dist.all_gather_object(gathered, seen)
+    check(gathered[0] == gathered[1], "tracker metrics differ across ranks")
+    # resume from step 2 (a restarted loop): rank 0's store drops steps >= 2 and measures them again
+    tr2 = Tracker(ddp, loss_fn, probe[rank], probes=["loss", "sharpness", "grad_norm"], every=2, store=store,
+                  distributed=True, name="ddp", resume=True)
+    tr2.step(2)
+    tr2.close()
+    dist.barrier()
+    if rank == 0:
+        df = RunStore(store).read_metrics()
+        steps = sorted(set(df[df["metric"] == "sharpness"]["step"].tolist()))
+        check(steps == [0, 2], f"steps in the store after resume: {steps}")
+        check(int((df["metric"] == "sharpness").sum()) == 2, "duplicate rows after resume")
+        check(bool(np.isclose(df[(df.metric == "loss") & (df.step == 0)]["value"].iloc[0], seen[0]["loss"],
+                              rtol=1e-6)), "stored loss")
+    print(f"TRACKER OK rank={rank}", flush=True)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "tracker":
+        tracker_main(sys.argv[2])
+    else:
+        main()

@@ -50,3 +50,12 @@ def test_distributed_hessian_needs_an_initialised_process_group():
 
     with pytest.raises(ValueError, match="torch.distributed initialised"):
         DistributedHessian(nn.Linear(2, 1), nn.MSELoss(), (torch.zeros(3, 2), torch.zeros(3, 1)))
+
+
+def test_tracker_under_torchrun_with_ddp_training(tmp_path):
+    store = tmp_path / "store"
+    r = torchrun(HERE / "_distributed_worker.py", "tracker", str(store))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "TRACKER OK rank=0" in out and "TRACKER OK rank=1" in out, out[-4000:]
+    assert (store / "metrics.parquet").exists() or any(store.rglob("*.parquet"))

@@ -160,6 +160,32 @@ def _loss_problem(value: Any) -> str | None:
     return None
 
 
+class _DistributedProbeState(ProbeState):
+    """A checkpoint's state whose Hessian and gradient are over the probe data of all ranks (``Tracker``'s
+    ``distributed=True``): :class:`optiscope.curvature.distributed.DistributedHessian`."""
+
+    process_group: Any = None
+
+    def hessian(self):
+        """The distributed Hessian of the mean loss over every rank's probe data (collective)."""
+        if "hessian" not in self.scratch:
+            from optiscope.curvature.distributed import DistributedHessian
+
+            self.scratch["hessian"] = DistributedHessian(self.model, self.problem.loss_fn, self.problem.probe_batch,
+                                                         process_group=self.process_group)
+        return self.scratch["hessian"]
+
+    def gradient(self) -> dict[str, torch.Tensor]:
+        """Gradient of the mean loss over every rank's probe data (one all-reduce)."""
+        if "gradient" not in self.scratch:
+            H = self.hessian()
+            names = self.problem.param_names
+            g = H.gradient()
+            self.scratch["gradient"] = {n: g[n] if n in g else torch.zeros_like(H.params[n]) for n in names}
+            self.scratch["probe_loss"] = H.loss()
+        return self.scratch["gradient"]
+
+
 class Tracker:
     """Probes on a schedule inside any training loop (module docstring).
 
@@ -192,6 +218,14 @@ class Tracker:
     resume
         Continue a run of the same ``name`` already in ``store``: the first :meth:`step` drops its rows at and after
         that step (a training loop restarted from its own checkpoint). Without it such a store is refused.
+    distributed, process_group
+        Under ``torchrun`` (``torch.distributed`` initialised), ``distributed=True`` (or a ``process_group``) makes
+        each rank's ``data`` a shard of the probe data: Hessian and gradient probes use
+        :class:`optiscope.curvature.distributed.DistributedHessian` (the same numbers on every rank, equal to one
+        process holding all shards), ``loss`` and ``accuracy`` are sample-weighted means over all ranks (eval
+        metrics stay this rank's), a ``DistributedDataParallel`` model is unwrapped (no gradient hook fires during
+        a probe), and only rank 0 writes the store and calls the loggers. Every rank must call :meth:`step` with
+        the same steps (a measurement is collective).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor], data: Any,
@@ -199,9 +233,24 @@ class Tracker:
                  optimizer_name: str | None = None, at: Iterable[int] = (), seed: int = 0, mode: str = "as_is",
                  layers: Mapping[str, Sequence[str]] | None = None, task: str = "classification",
                  eval_data: Any = None, loggers: Iterable[Any] = (), resume: bool = False,
-                 estimate_cost: bool = False):
+                 estimate_cost: bool = False, distributed: bool = False, process_group: Any = None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.distributed = bool(distributed) or process_group is not None
+        self.process_group = process_group
+        self.rank = 0
+        if self.distributed:
+            import torch.distributed as dist
+
+            from optiscope.curvature.distributed import unwrap_ddp
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError("distributed=True needs torch.distributed initialised (dist.init_process_group, "
+                                 "e.g. under torchrun)")
+            self.rank = dist.get_rank(process_group)
+            model = unwrap_ddp(model)
+            if self.rank != 0:
+                store, loggers = None, ()
         if not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable as loss_fn(outputs, targets) -> scalar, got "
                              f"{type(loss_fn).__name__}")
@@ -264,6 +313,13 @@ class Tracker:
                        "dropout mask (one random sub-network); pass mode='eval' to measure the deterministic model")
         self.budget = self._estimate_cost(estimate_cost)
         self.store = self._open_store(store, resume)
+        self._n_probe_total = None
+        if self.distributed:
+            import torch.distributed as dist
+
+            n = torch.tensor([float(sum(len(y) for _, y in self.problem.probe_batches))], dtype=torch.float64)
+            dist.all_reduce(n, group=process_group)
+            self._n_probe_total = float(n[0])
         if self.store is not None and self.budget is not None:
             self.store.update_run(self.name, probe_budget=self.budget.summary())
 
@@ -460,8 +516,11 @@ class Tracker:
             last_update = {n: named[n].detach() - old for n, old in self._prev[1].items()
                            if n in self.problem.param_names}
         self._prev = None
-        state = ProbeState(step=step, model=self.model, optimizer=optimizer, problem=self.problem,
-                           run_name=self.name, seed=self.seed, cache=self._cache, last_update=last_update)
+        state = (ProbeState if not self.distributed else _DistributedProbeState)(
+            step=step, model=self.model, optimizer=optimizer, problem=self.problem, run_name=self.name,
+            seed=self.seed, cache=self._cache, last_update=last_update)
+        if self.distributed:
+            state.process_group = self.process_group
         t0 = time.perf_counter()
         rows: list[dict] = []
         arrays_before = {m: len(v) for m, v in self._arrays.items()}
@@ -481,6 +540,8 @@ class Tracker:
                     raise ValueError(f"probe {probe_name(pr)!r} returned {type(result).__name__}; a probe must "
                                      "return a dict")
                 rows.extend(_rows(result, self.name, label, step, self._arrays))
+        if self.distributed:
+            self._reduce_means(rows)
         seconds = time.perf_counter() - t0
         self.probe_seconds += seconds
         self.n_measurements += 1
@@ -492,6 +553,20 @@ class Tracker:
         for lg in self.loggers:
             lg.log_metrics(step, flat)
         return flat
+
+    def _reduce_means(self, rows: list[dict]) -> None:
+        """``loss``/``accuracy`` rows (means over this rank's probe data) -> sample-weighted means over all ranks
+        (one all-reduce)."""
+        import torch.distributed as dist
+
+        mine = [r for r in rows if r["metric"] in ("loss", "accuracy") and not r["layer"]]
+        if not mine:
+            return
+        w = sum(len(y) for _, y in self.problem.probe_batches) / self._n_probe_total
+        t = torch.tensor([float(r["value"]) * w for r in mine], dtype=torch.float64)
+        dist.all_reduce(t, group=self.process_group)
+        for r, v in zip(mine, t.tolist()):
+            r["value"] = v
 
     def _flush(self, rows: list[dict], new_arrays: set[str], step: int) -> None:
         from optiscope.lab.run import _safe_name
