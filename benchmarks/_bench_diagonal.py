@@ -21,6 +21,8 @@ HVP columns, full HVP columns, a per-coordinate one-graph HVP loop and BackPACK'
 Run on its own: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/_bench_diagonal.py [--quick]``.
 """
 
+# ruff: noqa: B023, ISC004
+# (B023: every closure is called within the loop iteration that defines it; ISC004: markdown table rows)
 from __future__ import annotations
 
 import copy
@@ -29,8 +31,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

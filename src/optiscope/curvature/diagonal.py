@@ -64,8 +64,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
-__all__ = ["DiagonalResult", "DiagonalBlockResult", "exact_diagonal", "exact_diagonal_block", "unit_columns",
-           "structured_plan", "METHODS"]
+__all__ = [
+    "METHODS",
+    "DiagonalBlockResult",
+    "DiagonalResult",
+    "exact_diagonal",
+    "exact_diagonal_block",
+    "structured_plan",
+    "unit_columns",
+]
 
 METHODS = ("auto", "structured", "layer-hvp", "hvp")
 
@@ -591,7 +598,7 @@ class _Rules:
             S4 = S.reshape(K * a4.shape[0], *S.shape[-3:])
             shape = (K * a4.shape[0], *a4.shape[1:])
             if isinstance(m.padding, str):
-                fn = lambda x: nn.functional.conv2d(x, Wt, None, m.stride, m.padding, m.dilation, m.groups)  # noqa
+                fn = lambda x: nn.functional.conv2d(x, Wt, None, m.stride, m.padding, m.dilation, m.groups)
                 _, pb = vjp(fn, torch.zeros(shape, dtype=S.dtype, device=S.device))
                 r = pb(S4)[0]
             else:
