@@ -522,7 +522,7 @@ def report(res: dict, args) -> str:
     L.append(f"Run {res['date']} on {res['device']}; torch threads {res['threads']}; load average at start "
              f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min), at end {res['load_end'][0]:.2f}. "
              "Absolute times inflate with load; ratios are interleaved in one process (medians of "
-             f"{args.repeat}).")
+             f"{args.repeat}; SLQ: {args.slq_repeat}).")
     L.append("")
     L.append("Problems: " + "; ".join(f"**{k}**: {v}" for k, v in res["descriptions"].items()) + ".")
     L.append("")
