@@ -37,6 +37,12 @@ timeout "$EXP_TIMEOUT" "$PYTHON" -m optiscope.cli.main run "$EXPERIMENT" --prese
 EXP_RC=$?
 T2=$(date +%s)
 
+# 2b. the distributed Hessian on NCCL, one rank per GPU (float64 agreement with one process, HVP time)
+NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+timeout "${DIST_TIMEOUT:-90}" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
+  benchmarks/bench_distributed.py --backend-check nccl > "$OUT/distributed_nccl.log" 2>&1
+export DIST_RC=$? NGPU
+
 # 3. the GPU section
 BENCH_RC=$BENCH_RC EXP_RC=$EXP_RC T_BENCH=$((T1 - T0)) T_EXP=$((T2 - T1)) EXPERIMENT=$EXPERIMENT OUT=$OUT \
 DEVICE=$DEVICE "$PYTHON" - <<'EOF'
@@ -69,7 +75,13 @@ lines = ["## GPU check (`benchmarks/gpu_check.sh`)", "",
          f"| side-by-side benchmark (`--device {dev} --quick`, section `side_by_side_gpu`) | {status(bench_rc)} | "
          f"{os.environ['T_BENCH']} |",
          f"| `optiscope run {os.environ['EXPERIMENT']} --preset full --device {dev}` | {status(exp_rc)} | "
-         f"{os.environ['T_EXP']} |", ""]
+         f"{os.environ['T_EXP']} |",
+         f"| DistributedHessian on NCCL, {os.environ['NGPU']} rank(s) (`bench_distributed.py --backend-check nccl`) "
+         f"| {status(int(os.environ['DIST_RC']))} | - |", ""]
+dist_log = out / "distributed_nccl.log"
+if dist_log.exists():
+    lines += ["NCCL check (per rank): " + "; ".join(
+        ln.strip() for ln in dist_log.read_text().splitlines() if ln.startswith('{"backend"')), ""]
 res = out / f"{os.environ['EXPERIMENT']}-full" / "results.json"
 if res.exists():
     r = json.loads(res.read_text())

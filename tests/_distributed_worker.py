@@ -145,7 +145,8 @@ def main() -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel(make_model())
-    HD = DistributedHessian(ddp, loss_fn, shards[rank])
+    HD = Hessian.distributed(ddp, loss_fn, shards[rank])  # the factory on Hessian
+    check(isinstance(HD, DistributedHessian), "Hessian.distributed returns a DistributedHessian")
     check(HD.param_names == names, f"DDP parameter names {HD.param_names}")
     close(flat(HD.hvp(v), names), flat(R.hvp(v), names), "DDP hvp")
     close(HD.eigenvalues(k=1, tol=1e-10).values, R.eigenvalues(k=1, tol=1e-10).values, "DDP eigenvalue")
