@@ -7,8 +7,9 @@ Every activation is smooth (tanh, GELU, softplus) so that central finite differe
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

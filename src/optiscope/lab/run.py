@@ -525,9 +525,8 @@ class Run:
         """Before training: print the probes' HVPs per checkpoint and their ETA from one timed HVP
         (:func:`optiscope.lab.probes.probe_budget`), and warn (``UserWarning``) when they would cost more than 3x
         the training time. Skipped when no probe needs the Hessian; a failed estimate never stops the run."""
-        import warnings as pywarnings
-
         import os
+        import warnings as pywarnings
 
         from optiscope.lab.probes import probe_budget, probe_hvps
         from optiscope.utils import progress
