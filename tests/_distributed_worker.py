@@ -9,7 +9,8 @@ builds the single-process ``Hessian`` on all the data (in the same batch order) 
   ``torch.func.hessian`` where it applies;
 * every number is bit-identical on both ranks (all-gathered and compared with ==);
 * a DistributedDataParallel model: same results, no ``.grad`` written, DDP's reducer still averages gradients;
-* mismatched parameters and an empty shard: ValueError on every rank naming the problem, no hang;
+* mismatched parameters and an empty shard: ValueError on every rank naming the problem, no hang; a non-finite
+  loss on one rank: NonFiniteLossError on every rank;
 * a rank that never joins: RuntimeError after the collective timeout, no hang.
 
 Prints ``WORKER OK rank=R`` at the end; any failed check raises (non-zero exit).
@@ -194,6 +195,17 @@ def main() -> None:
         check("rank(s) [0]" in str(e) and "empty" in str(e), f"empty-batch message: {e}")
     else:
         check(False, "a 0-sample batch was accepted")
+
+    from optiscope.curvature import NonFiniteLossError
+
+    nan_x = X[10:].clone()
+    nan_x[0, 0] = float("nan")
+    try:
+        DistributedHessian(model, loss_fn, shards[0] if rank == 0 else (nan_x, Y[10:]), timeout_s=30)
+    except NonFiniteLossError as e:
+        check(rank == 1 or "rank(s) [1]" in str(e), f"non-finite message: {e}")
+    else:
+        check(False, "a non-finite loss on one rank was accepted")
 
     # a rank that never joins: the collective times out instead of hanging (last: the group is unusable after)
     dist.barrier()

@@ -23,7 +23,8 @@ data) and checks, with a timeout on every collective so that nothing hangs:
 * the parameters are identical on every rank: a CRC32 checksum per parameter tensor is all-gathered, and a
   ``ValueError`` names the first parameter that differs and the ranks;
 * the local construction succeeded everywhere (an error on one rank is re-raised there and reported on the
-  others, instead of leaving them waiting in the next collective).
+  others, instead of leaving them waiting in the next collective; a non-finite loss on any rank raises
+  :class:`~optiscope.curvature._problem.NonFiniteLossError` on every rank, so training code sees divergence).
 
 A :class:`torch.nn.parallel.DistributedDataParallel` model is accepted: the wrapped ``model.module`` is used (its
 parameter names, without the ``module.`` prefix). The Hessian evaluates detached copies of the parameters through
@@ -48,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from optiscope.curvature._problem import _batch_size, normalize_data
+from optiscope.curvature._problem import NonFiniteLossError, _batch_size, normalize_data
 from optiscope.curvature.diagonal import DiagonalResult, exact_diagonal
 from optiscope.curvature.hessian import Hessian
 
@@ -175,11 +176,14 @@ class DistributedHessian(Hessian):
             local_chunk = self.max_chunk_size if chunk_size is None else int(chunk_size)
         except Exception as e:  # noqa: BLE001 - re-raised below on this rank, reported on the others
             error, local_chunk = e, 1
-        status = self._gather_ints([0 if error is None else 1, local_chunk])
+        code = 0 if error is None else (2 if isinstance(error, NonFiniteLossError) else 1)
+        status = self._gather_ints([code, local_chunk])
         failed = [r for r in range(self.world_size) if status[r, 0]]
         if failed:
             if error is not None:
                 raise error
+            if all(status[r, 0] == 2 for r in failed):  # divergence is an outcome: the same exception everywhere
+                raise NonFiniteLossError(f"the loss is not finite on rank(s) {failed} (their data shard)")
             raise ValueError(f"DistributedHessian: construction failed on rank(s) {failed} (see the error there)")
         # loops outside the HVP (chunks of unit columns, Hutchinson diagonal, SLQ groups) must run the same number
         # of iterations on every rank: the smallest memory bound of all ranks
