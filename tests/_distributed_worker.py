@@ -148,6 +148,9 @@ def main() -> None:
     ddp = DistributedDataParallel(make_model())
     HD = Hessian.distributed(ddp, loss_fn, shards[rank])  # the factory on Hessian
     check(isinstance(HD, DistributedHessian), "Hessian.distributed returns a DistributedHessian")
+    HC = Hessian(ddp, loss_fn, shards[rank], distributed=True)  # the constructor form
+    check(isinstance(HC, DistributedHessian), "Hessian(..., distributed=True) returns a DistributedHessian")
+    close(flat(HC.hvp(v), names), flat(R.hvp(v), names), "Hessian(distributed=True) hvp")
     check(HD.param_names == names, f"DDP parameter names {HD.param_names}")
     close(flat(HD.hvp(v), names), flat(R.hvp(v), names), "DDP hvp")
     close(HD.eigenvalues(k=1, tol=1e-10).values, R.eigenvalues(k=1, tol=1e-10).values, "DDP eigenvalue")

@@ -112,7 +112,7 @@ class DistributedHessian(Hessian):
                  params: Iterable[str] | None = None, chunk_size: int | None = None,
                  memory_budget_mb: float = 512.0, batch_mode: str = "double-backward", *,
                  keep_graph: bool | None = None, device: Any = None, process_group: Any = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, distributed: bool = True):
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("DistributedHessian needs torch.distributed initialised (dist.init_process_group, e.g. "
                              "under torchrun); for one process use Hessian")

@@ -189,10 +189,23 @@ class Hessian:
     one-vector loop (size 1) by more than timing noise, and no HVP is spent on the measurement.
     """
 
+    def __new__(cls, *args: Any, distributed: bool = False, process_group: Any = None, **kwargs: Any):
+        """``Hessian(..., distributed=True)`` or ``Hessian(..., process_group=group)`` constructs a
+        :class:`optiscope.curvature.distributed.DistributedHessian` (each rank's ``data`` is a shard of the whole);
+        otherwise a single-process Hessian."""
+        if cls is Hessian and (distributed or process_group is not None):
+            from optiscope.curvature.distributed import DistributedHessian
+
+            return super().__new__(DistributedHessian)
+        return super().__new__(cls)
+
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Any,
                  params: Iterable[str] | None = None, chunk_size: int | None = None,
                  memory_budget_mb: float = 512.0, batch_mode: str = "double-backward", *,
-                 keep_graph: bool | None = None, device: Any = None, _problem: LossFunction | None = None):
+                 keep_graph: bool | None = None, device: Any = None, distributed: bool = False,
+                 process_group: Any = None, _problem: LossFunction | None = None):
+        if distributed or process_group is not None:  # a subclass other than DistributedHessian asked for it
+            raise ValueError(f"{type(self).__name__} cannot be distributed; use Hessian(..., distributed=True)")
         problem = (_problem if _problem is not None
                    else LossFunction.from_model(model, loss_fn, data, params, device=device))
         self._init(problem, chunk_size, memory_budget_mb, batch_mode, keep_graph)
