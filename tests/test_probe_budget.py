@@ -60,7 +60,7 @@ def test_run_prints_the_budget_and_warns(capsys):
         warnings.simplefilter("always")
         run.execute()
     err = capsys.readouterr().err
-    assert "probe budget: 200 HVPs per checkpoint (sharpness 200) x 5 checkpoints" in err
+    assert "probe budget: up to 200 HVPs per checkpoint (sharpness 200) x 5 checkpoints" in err
     assert any("x the training time" in str(w.message) for w in caught)  # 200 HVPs x 5 >> 4 SGD steps
     quiet = Run(pb, "sgd:lr=0.1", steps=4, batch_size=16, probes=["loss"], checkpoint=False)
     quiet.execute()

@@ -792,7 +792,7 @@ class ProbeBudget:
         """One line: HVPs per checkpoint (per probe), ETA, and the ratio to training."""
         per = ", ".join(f"{k} {v}" for k, v in self.hvps.items() if v) or "none"
         eta = _fmt_seconds(self.total_seconds)
-        line = (f"probe budget: {self.total_hvps} HVPs per checkpoint ({per}) x {self.n_checkpoints} checkpoints; "
+        line = (f"probe budget: up to {self.total_hvps} HVPs per checkpoint ({per}) x {self.n_checkpoints} checkpoints; "
                 f"{self.seconds_per_hvp * 1e3:.1f} ms per HVP -> ETA {eta} for probes")
         if self.ratio is not None:
             line += f" ({self.ratio:.0%} of the estimated training time {_fmt_seconds(self.training_seconds)})"
@@ -804,8 +804,9 @@ class ProbeBudget:
         """The warning text when :attr:`too_expensive`, else None."""
         if not self.too_expensive:
             return None
-        return (f"probes would cost {self.ratio:.1f}x the training time (> {PROBE_BUDGET_WARN_RATIO:g}x): "
-                f"{self.total_hvps} HVPs per checkpoint; probe less often (probe_every), sample fewer coordinates "
+        return (f"probes could cost up to {self.ratio:.1f}x the training time (> {PROBE_BUDGET_WARN_RATIO:g}x): "
+                f"{self.total_hvps} HVPs per checkpoint at most (iterative probes counted at max_iter; warm-started "
+                "Lanczos usually needs far fewer); probe less often (probe_every), sample fewer coordinates "
                 "(r_med:per_layer=...), use a smaller probe batch, or lower max_iter")
 
 
