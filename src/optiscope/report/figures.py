@@ -162,7 +162,7 @@ def plot_r_med(df: pd.DataFrame):
     for k in range(n, rows * cols):
         axes[k // cols][k % cols].axis("off")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper right", fontsize=8, ncols=max(1, len(labels)))
+    fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncols=max(1, len(labels)))
     fig.suptitle(r"$R_{med} = \max_i h_{ii} / \mathrm{median}_i\, h_{ii}$ per layer (sampled Hessian diagonal)",
                  fontsize=10)
     return fig
