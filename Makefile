@@ -16,12 +16,13 @@ OUT ?= runs/demo
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints/torch.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@# torch first, pinned, so that pip never resolves a multi-GB CUDA build for the package's "torch>=2.4"
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
-	@$(PIP) install -q -e '.[dev]'
+	@# the integrations extra (TensorBoard, Hugging Face, Lightning) so that the examples and callbacks are tested
+	@$(PIP) install -q -c constraints/torch.txt -e '.[dev,integrations]'
 	@touch $(STAMP)
 
 # Debian data packages (DESIGN.md "Data available offline"); installed when missing and we are root.
@@ -58,6 +59,9 @@ test-all: setup data browser
 bench: setup data
 	@# -c: the baselines must not replace the pinned torch (a naive install pulls a multi-GB CUDA build)
 	@$(PIP) install -q -c constraints/torch.txt -e '.[bench]' || echo "warning: some benchmark baselines failed to install; they will be skipped"
+	@# BackPACK pulls in PyPI's torchvision, which does not import beside the pinned CPU torch and then breaks
+	@# Lightning (through torchmetrics); BackPACK's DiagHessian runs without it
+	@$(PY) -c "import torchvision" 2>/dev/null || $(PIP) uninstall -q -y torchvision 2>/dev/null || true
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 # API reference (HTML, from the docstrings) into docs/api/ (not committed; open docs/api/index.html).
