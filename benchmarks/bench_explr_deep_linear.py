@@ -1,7 +1,8 @@
 """Speed of the pieces behind the deep-linear / matrix-completion experiments (issue 9), as in-process ratios.
 
 1. Batched training of B independent deep factorizations (one ``bmm`` chain over a leading batch axis, as
-   ``experiments.matrix_completion.train_batch`` does) vs a Python loop over the B problems, per GD step.
+   ``experiments.explr_deep_linear.matrix_completion.train_batch`` does) vs a Python loop over the B problems,
+   per GD step.
    Target: batched >= 2x faster for B = 8, depth 3, n = 100.
 2. Matrix-free ``apply_preconditioner`` vs the dense Kronecker ``P_W`` matvec (including building P_W), 20 x 20.
    Target: matrix-free >= 5x faster.
@@ -18,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import timeit, write_section  # noqa: E402
 
-from optiscope.experiments.matrix_completion import end_to_end, init_factors  # noqa: E402
+from optiscope.experiments.explr_deep_linear.matrix_completion import end_to_end, init_factors  # noqa: E402
 from optiscope.theory.deep_linear import apply_preconditioner, preconditioner_kronecker  # noqa: E402
 
 

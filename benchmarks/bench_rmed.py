@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from _report import timeit, write_section
 
-from optiscope.experiments import _rmed_common as rc
-from optiscope.experiments.rmed_lm import QUICK
+from optiscope.experiments.diagonal_uniformity import common as rc
+from optiscope.experiments.diagonal_uniformity.rmed_lm import QUICK
 from optiscope.lab import ProbeState, make_probe
 from optiscope.optim import make_optimizer
 

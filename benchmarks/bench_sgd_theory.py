@@ -43,7 +43,7 @@ def main() -> None:
     rows.append(("stability map 100 lr x 50 momenta from theory (1e5 eigenvalues, incl. 50 critical lrs)", tmap,
                  "<= 10 s"))
     # speed-up over 100 sampled runs on the digits NTK (same curve)
-    from optiscope.experiments.sgd_common import ntk_problem
+    from optiscope.experiments.sgd_generating_functions.common import ntk_problem
 
     prob = ntk_problem("digits", width=1000)
     steps = 1000

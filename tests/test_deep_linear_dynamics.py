@@ -1,12 +1,13 @@
-"""experiments.deep_linear_dynamics end-to-end on a tiny config, plus its building blocks."""
+"""experiments.explr_deep_linear.deep_linear_dynamics end-to-end on a tiny config, plus its building
+blocks."""
 
 import json
 
 import numpy as np
 import pytest
 
-from optiscope.experiments import deep_linear_dynamics as dld
 from optiscope.experiments.base import run_experiment
+from optiscope.experiments.explr_deep_linear import deep_linear_dynamics as dld
 
 
 def _tiny(**kw):

@@ -1,4 +1,5 @@
-"""experiments.matrix_completion: problem construction, update rules, SVT baseline, batching, end-to-end run."""
+"""experiments.explr_deep_linear.matrix_completion: problem construction, update rules, SVT baseline,
+batching, end-to-end run."""
 
 import json
 import math
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from optiscope.experiments import matrix_completion as mc
 from optiscope.experiments.base import run_experiment
+from optiscope.experiments.explr_deep_linear import matrix_completion as mc
 
 
 def _gen(seed=0):

@@ -5,11 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from optiscope.experiments import explr_equivalence as ee
-from optiscope.experiments import explr_scale_invariance as esi
 from optiscope.experiments.base import run_experiment
+from optiscope.experiments.explr_deep_linear import explr_equivalence as ee
+from optiscope.experiments.explr_deep_linear import explr_scale_invariance as esi
 from optiscope.theory.explr import explr_alpha
-
 
 
 def _tiny(**kw):

@@ -8,8 +8,12 @@ import pytest
 import torch
 
 from optiscope.experiments.base import run_experiment
-from optiscope.experiments.init_chain import chain_monte_carlo
-from optiscope.experiments.init_escape import EscapeConfig, chain_loss_and_grad, simulate_escape
+from optiscope.experiments.vanishing_curvature.init_chain import chain_monte_carlo
+from optiscope.experiments.vanishing_curvature.init_escape import (
+    EscapeConfig,
+    chain_loss_and_grad,
+    simulate_escape,
+)
 from optiscope.theory.init import chain_gf_escape_time
 
 

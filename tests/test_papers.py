@@ -65,7 +65,7 @@ def test_generated_page_lists_every_experiment_and_cites_theory():
     assert "optiscope.theory.sgd.critical_learning_rate" in citing_functions("004") or \
         any(f.startswith("optiscope.theory.sgd.") for f in citing_functions("004"))
     assert not any(f.startswith("optiscope.theory.sgd.") for f in citing_functions("000"))
-    ids = experiment_claim_ids("optiscope.experiments.rmed_switch")
+    ids = experiment_claim_ids("optiscope.experiments.diagonal_uniformity.rmed_switch")
     assert "loss_gap_closes" in ids
 
 

@@ -1,4 +1,5 @@
-"""experiments._rmed_common: headline statistics (hand-computed), R_med summaries, probe against a dense Hessian."""
+"""experiments.diagonal_uniformity.common: headline statistics (hand-computed), R_med summaries, probe
+against a dense Hessian."""
 
 import math
 
@@ -6,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from optiscope.experiments import _rmed_common as rc
+from optiscope.experiments.diagonal_uniformity import common as rc
 
 
 def _frame(values: dict, steps=(0, 10, 20)):
@@ -110,8 +111,9 @@ def test_scheduled_probe_runs_only_at_its_steps():
 def test_tune_lr_widens_until_the_best_is_inside():
     """On a tiny LM the lr grid (0.001, 0.003) is far too small: the best sits at the top edge, so widening adds
     0.009, 0.027 ... until the best is inside or max_widen is spent."""
-    from optiscope.experiments.rmed_lm import QUICK
     import dataclasses
+
+    from optiscope.experiments.diagonal_uniformity.rmed_lm import QUICK
 
     cfg = dataclasses.replace(QUICK, seq_len=8, n_train=64, probe_size=4, d_model=8, n_heads=2, steps=10,
                               batch_size=32)

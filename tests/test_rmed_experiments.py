@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.func import functional_call, hessian
 
-from optiscope.experiments import _rmed_common as rc
 from optiscope.experiments.base import run_experiment
+from optiscope.experiments.diagonal_uniformity import common as rc
 from optiscope.lab.probes import weight_matrix_params
 
 LM_TINY = ["seq_len=8", "n_train=64", "probe_size=4", "d_model=8", "n_heads=2", "n_layers=1", "steps=6",
@@ -81,7 +81,7 @@ def test_rmed_two_layer_end_to_end(tmp_path):
 
 def test_two_layer_r_med_uses_the_exact_diagonal_of_every_coordinate():
     """layer_r_med = max/median over the dense autograd Hessian diagonal of 1/2 ||W1^T w2 - a||^2 (float64)."""
-    from optiscope.experiments.rmed_two_layer import layer_r_med
+    from optiscope.experiments.diagonal_uniformity.rmed_two_layer import layer_r_med
     from optiscope.metrics import r_med
 
     g = torch.Generator().manual_seed(3)
@@ -169,7 +169,7 @@ def test_bad_config_rejected():
     with pytest.raises(ConfigError, match="d_model"):
         rc.LMConfig(d_model=10, n_heads=4)
     with pytest.raises(ConfigError, match="widths"):
-        from optiscope.experiments.rmed_two_layer import TwoLayerRMedConfig
+        from optiscope.experiments.diagonal_uniformity.rmed_two_layer import TwoLayerRMedConfig
         TwoLayerRMedConfig(widths=(50, 100))
     with pytest.raises(ConfigError, match="band_widened"):
         rc.LMConfig(band=(1.4, 2.0), band_widened=(1.5, 3.0))
@@ -179,7 +179,8 @@ def test_bad_config_rejected():
 
 def test_two_layer_closed_form_hessian_is_the_population_hessian():
     """theory.two_layer.hessian (whitened, the experiment's dominance check) = dense autograd Hessian (float64)."""
-    from optiscope.theory.two_layer import TwoLayerProblem, hessian as closed_form
+    from optiscope.theory.two_layer import TwoLayerProblem
+    from optiscope.theory.two_layer import hessian as closed_form
 
     g = torch.Generator().manual_seed(5)
     m, d = 4, 3

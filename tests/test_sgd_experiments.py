@@ -70,7 +70,7 @@ def test_noiseless_control_fails_where_noise_is_negligible(tmp_path):
 def test_exact_critical_lr_equals_se_on_translation_invariant_kernel():
     """Velikanov et al. 2023, Prop. 2: on a translation-invariant kernel SE (tau = 1) is exact, so its critical lr
     must equal the exact mean-square threshold; on the heterogeneous Gaussian-feature problem it must not."""
-    from optiscope.experiments.sgd_loss_curves import heterogeneous_problem
+    from optiscope.experiments.sgd_generating_functions.sgd_loss_curves import heterogeneous_problem
     from optiscope.theory.sgd import Spectrum, critical_learning_rate
     from optiscope.theory.sgd_sim import exact_critical_learning_rate, exact_growth_rate
 
@@ -117,8 +117,8 @@ def test_negative_momentum_tiny(tmp_path):
 
 
 def test_config_validation():
-    from optiscope.experiments.sgd_loss_curves import LossCurvesConfig
-    from optiscope.experiments.sgd_negative_momentum import NegativeMomentumConfig
+    from optiscope.experiments.sgd_generating_functions.sgd_loss_curves import LossCurvesConfig
+    from optiscope.experiments.sgd_generating_functions.sgd_negative_momentum import NegativeMomentumConfig
 
     with pytest.raises(ConfigError, match="noise_kappa"):
         NegativeMomentumConfig(noise_kappa=1.0)

@@ -93,7 +93,7 @@ def _load_spectrum(spectrum: str | None, kernel: Path | None, model: str | None,
     bad = set(kw) - {"width"}
     if bad:
         raise SpectrumError(f"--model mlp accepts only width=..., got {sorted(bad)}")
-    from optiscope.experiments.sgd_common import ntk_problem
+    from optiscope.experiments.sgd_generating_functions.common import ntk_problem
 
     if points is None and data.startswith("fashion"):
         points = 1000

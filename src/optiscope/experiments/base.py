@@ -1,6 +1,7 @@
 """Experiment registry and runner (docs/architecture.md).
 
-An experiment is one module in ``optiscope.experiments`` that registers a run function::
+An experiment is one module in a per-paper subpackage of ``optiscope.experiments`` (e.g.
+``optiscope.experiments.diagonal_uniformity``) that registers a run function::
 
     @dataclass(frozen=True)
     class MyConfig(Config):
@@ -129,15 +130,21 @@ def register(name: str, *, paper: str, title: str, config: type[Config], presets
 
 
 def discover() -> None:
-    """Import every module of ``optiscope.experiments`` so that their ``register`` calls run."""
+    """Import every module of ``optiscope.experiments`` and of its per-paper subpackages (e.g.
+    ``optiscope.experiments.diagonal_uniformity.rmed_lm``) so that their ``register`` calls run.
+
+    Modules and packages whose name starts with ``_`` are skipped, as is this module.
+    """
     global _DISCOVERED
     if _DISCOVERED:
         return
     import optiscope.experiments as pkg
 
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if not mod.name.startswith("_") and mod.name != "base":
-            importlib.import_module(f"optiscope.experiments.{mod.name}")
+    for mod in pkgutil.walk_packages(pkg.__path__, prefix="optiscope.experiments."):
+        parts = mod.name.split(".")[2:]
+        if mod.ispkg or any(p.startswith("_") for p in parts) or mod.name == __name__:
+            continue
+        importlib.import_module(mod.name)
     _DISCOVERED = True
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 __all__ = [
     "Verdict", "check_premises", "band_claim", "direction_claim", "fraction_claim", "tolerance_claim",
-    "negative_control_claim", "mean_ci", "verdict_label",
+    "negative_control_claim", "all_of", "mean_ci", "verdict_label",
 ]
 
 Premises = Iterable[tuple[Any, str]]
@@ -255,6 +255,23 @@ def negative_control_claim(theory_error: float, control_error: float, *, margin:
     ratio = f" (ratio {_fmt(eC / eT)})" if eT > 0 else ""
     return Verdict(ok, f"control error {_fmt(eC)} {'>' if ok else '<='} {_fmt(margin)} x theory error "
                        f"{_fmt(eT)}{ratio}" + ("" if ok else ": the test cannot tell the theory from the control"))
+
+
+def all_of(verdicts: Sequence[Verdict], labels: Sequence[str] | None = None) -> Verdict:
+    """Conjunction of the verdicts of a claim made of several parts; it judges nothing itself.
+
+    ``holds`` is ``None`` (untestable) if any part is untestable or there are no parts, else ``True`` iff every part
+    holds. The reason lists each part's reason, prefixed by its label (default ``part 1``, ``part 2``, ...).
+    """
+    if not verdicts:
+        return Verdict(None, "untestable here: nothing to compare")
+    labels = list(labels) if labels is not None else [f"part {i + 1}" for i in range(len(verdicts))]
+    if len(labels) != len(verdicts):
+        raise ValueError(f"{len(labels)} labels for {len(verdicts)} verdicts")
+    reason = "; ".join(f"{lab}: {v.reason}" for lab, v in zip(labels, verdicts))
+    if any(v.holds is None for v in verdicts):
+        return Verdict(None, reason)
+    return Verdict(all(bool(v.holds) for v in verdicts), reason)
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.init_check import limit_threads
 from optiscope.lab.store import RunStore
-from optiscope.metrics.verdicts import direction_claim, negative_control_claim, tolerance_claim
+from optiscope.metrics.verdicts import all_of, direction_claim, negative_control_claim, tolerance_claim
 from optiscope.theory.init import (
     chain_abs_moment,
     chain_medians,

@@ -1,7 +1,7 @@
 """R_med of Adam and SGD+M at iterates with the same training loss (Jiang, Malik, Li 2023, App. A.3, Table 7).
 
 Adam converges faster, so comparing at equal steps could merely reflect "Adam is closer to a minimum with a uniform
-Hessian". Under the paper's tuning protocol (``_rmed_common.run_pair``), each SGD+M checkpoint ``t2`` whose training
+Hessian". Under the paper's tuning protocol (``diagonal_uniformity.common.run_pair``), each SGD+M checkpoint ``t2`` whose training
 loss is well below the unigram plateau is matched with the Adam step ``t1`` of nearest training loss (whole training
 set, recorded every ``loss_every`` steps); a second, identical Adam run measures R_med exactly there (training is
 deterministic given seed and data order). Per layer we compare ``R_med^Adam(t1)`` with ``R_med^SGD(t2)`` averaged
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from optiscope.experiments import _rmed_common as rc
 from optiscope.experiments.base import Result, register
+from optiscope.experiments.diagonal_uniformity import common as rc
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from optiscope.experiments._verdict_parts import all_of
-from optiscope.experiments.adam_common import bilinear_problem, max_abs_distance
+from optiscope.experiments.adam_implicit_bias.common import bilinear_problem, max_abs_distance
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.store import RunStore
-from optiscope.metrics.verdicts import negative_control_claim, tolerance_claim
+from optiscope.metrics.verdicts import all_of, negative_control_claim, tolerance_claim
 from optiscope.optim.flows import AdamHyper, adam_iterates, integrate_flow, model_loss
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt

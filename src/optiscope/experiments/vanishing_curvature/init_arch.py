@@ -21,11 +21,10 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.init_check import InitCheckConfig, init_check, limit_threads, model_factory
 from optiscope.lab.store import RunStore
-from optiscope.metrics.verdicts import direction_claim
+from optiscope.metrics.verdicts import all_of, direction_claim
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
 

@@ -240,7 +240,12 @@ def run(config: TwoLayerRMedConfig, store) -> Result:
 
 
 def _verdicts(cfg: TwoLayerRMedConfig, runs: dict, store) -> Result:
-    from optiscope.metrics.verdicts import direction_claim, fraction_claim, negative_control_claim, tolerance_claim
+    from optiscope.metrics.verdicts import (
+        direction_claim,
+        fraction_claim,
+        negative_control_claim,
+        tolerance_claim,
+    )
     from optiscope.theory.two_layer import gaussian_uniformity
 
     widths = list(runs)

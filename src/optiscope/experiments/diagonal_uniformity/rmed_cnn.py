@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optiscope.experiments import _rmed_common as rc
-from optiscope.lab.probes import weight_matrix_params
 from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.diagonal_uniformity import common as rc
+from optiscope.lab.probes import weight_matrix_params
 from optiscope.metrics.verdicts import Verdict, direction_claim, fraction_claim, mean_ci
 from optiscope.utils.config import Config, require
 

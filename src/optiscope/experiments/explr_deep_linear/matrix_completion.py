@@ -36,11 +36,10 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.store import RunStore
 from optiscope.metrics import effective_rank
-from optiscope.metrics.verdicts import check_premises, negative_control_claim, tolerance_claim
+from optiscope.metrics.verdicts import all_of, check_premises, negative_control_claim, tolerance_claim
 from optiscope.optim import make_optimizer
 from optiscope.theory.deep_linear import preconditioner_eigenvalues
 from optiscope.utils.config import Config, require

@@ -6,7 +6,7 @@
 * ``rmed_lm_wd`` (App. A.7, Table 9): both optimizers with weight decay 0.001 (L2 added to the gradient, the
   PyTorch convention for both SGD and Adam).
 
-Protocol (§4, :func:`optiscope.experiments._rmed_common.run_pair`): SGD+M's lr is tuned over the whole horizon on a
+Protocol (§4, :func:`optiscope.experiments.diagonal_uniformity.common.run_pair`): SGD+M's lr is tuned over the whole horizon on a
 grid widened until its best point lies strictly inside; Adam's lr is one under which Adam converges faster than
 tuned SGD+M (reported when there is none); ``repeats`` data orders from the same initialisation; R_med on 200 exact
 Hessian-diagonal coordinates per weight matrix at ``n_checkpoints`` checkpoints. The primary number is the
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from optiscope.experiments import _rmed_common as rc
 from optiscope.experiments.base import Result, register
+from optiscope.experiments.diagonal_uniformity import common as rc
 
 QUICK = rc.LMConfig(seq_len=32, n_train=2048, probe_size=16, d_model=32, n_layers=1, n_heads=4, steps=200,
                     batch_size=256, sgdm_lrs=(0.03, 0.1, 0.3), adam_lrs=(3e-3,), repeats=2, n_checkpoints=2,

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.store import RunStore
-from optiscope.metrics.verdicts import direction_claim
+from optiscope.metrics.verdicts import all_of, direction_claim
 from optiscope.theory.sgd import (
     Spectrum,
     critical_learning_rate,

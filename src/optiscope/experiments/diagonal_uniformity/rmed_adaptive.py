@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from optiscope.experiments import _rmed_common as rc
-from optiscope.lab.probes import weight_matrix_params
 from optiscope.experiments.base import Result, register
+from optiscope.experiments.diagonal_uniformity import common as rc
+from optiscope.lab.probes import weight_matrix_params
 from optiscope.utils.config import require
 
 

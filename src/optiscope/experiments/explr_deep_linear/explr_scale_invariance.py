@@ -24,12 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
-from optiscope.experiments.explr_equivalence import ExpLRConfig, build_bn_mlp, load_data
+from optiscope.experiments.explr_deep_linear.explr_equivalence import ExpLRConfig, build_bn_mlp, load_data
 from optiscope.lab.scale_invariance import scale_invariance_report
 from optiscope.lab.store import RunStore
-from optiscope.metrics.verdicts import check_premises, direction_claim, tolerance_claim
+from optiscope.metrics.verdicts import all_of, check_premises, direction_claim, tolerance_claim
 from optiscope.optim import SGD
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt

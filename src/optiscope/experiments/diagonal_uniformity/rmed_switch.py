@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from optiscope.experiments import _rmed_common as rc
-from optiscope.lab.probes import weight_matrix_params
 from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.diagonal_uniformity import common as rc
+from optiscope.lab.probes import weight_matrix_params
 from optiscope.metrics.verdicts import direction_claim, mean_ci
 from optiscope.utils.config import require
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from optiscope.experiments.base import Claim, Result, register
-from optiscope.experiments.sgd_common import ntk_problem
+from optiscope.experiments.sgd_generating_functions.common import ntk_problem
 from optiscope.lab.store import RunStore
 from optiscope.metrics.verdicts import fraction_claim, tolerance_claim
 from optiscope.theory.sgd import (

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from optiscope.experiments.adam_common import bilinear_problem, loglog_slope, max_abs_distance
+from optiscope.experiments.adam_implicit_bias.common import bilinear_problem, loglog_slope, max_abs_distance
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.store import RunStore
 from optiscope.metrics.verdicts import tolerance_claim

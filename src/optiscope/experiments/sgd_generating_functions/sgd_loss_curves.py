@@ -27,11 +27,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
-from optiscope.experiments.sgd_common import log_steps, median_relative_error, ntk_problem, train_network
+from optiscope.experiments.sgd_generating_functions.common import (
+    log_steps,
+    median_relative_error,
+    ntk_problem,
+    train_network,
+)
 from optiscope.lab.store import RunStore
-from optiscope.metrics.verdicts import negative_control_claim, tolerance_claim
+from optiscope.metrics.verdicts import all_of, negative_control_claim, tolerance_claim
 from optiscope.theory.sgd import Spectrum, critical_learning_rate, fit_power_law, se_loss_curve
 from optiscope.theory.sgd_sim import exact_critical_learning_rate, exact_second_moments, simulate_sampled_sgd
 from optiscope.utils.config import Config, require

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import spearmanr
 
-from optiscope.experiments._verdict_parts import all_of
-from optiscope.experiments.adam_common import bilinear_problem
+from optiscope.experiments.adam_implicit_bias.common import bilinear_problem
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.store import RunStore
-from optiscope.metrics.verdicts import direction_claim
+from optiscope.metrics.verdicts import all_of, direction_claim
 from optiscope.optim.flows import AdamHyper, adam_iterates
 from optiscope.theory.adam import one_norm_coefficient
 from optiscope.utils.config import Config, require

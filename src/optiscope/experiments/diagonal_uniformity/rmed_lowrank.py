@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from optiscope.experiments import _rmed_common as rc
 from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.diagonal_uniformity import common as rc
 from optiscope.metrics.verdicts import fraction_claim
 from optiscope.utils.config import require
 

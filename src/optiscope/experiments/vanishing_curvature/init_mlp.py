@@ -27,7 +27,6 @@ import pandas as pd
 import torch
 
 from optiscope.curvature import Hessian
-from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.init_check import (
     InitCheckConfig,
@@ -39,7 +38,7 @@ from optiscope.lab.init_check import (
     teacher_batch,
 )
 from optiscope.lab.store import RunStore
-from optiscope.metrics.verdicts import direction_claim, tolerance_claim
+from optiscope.metrics.verdicts import all_of, direction_claim, tolerance_claim
 from optiscope.theory.init import layer_gain, lognormal_median, normalized_second_moment_growth
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt

@@ -24,10 +24,9 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.store import RunStore
-from optiscope.metrics.verdicts import direction_claim, tolerance_claim
+from optiscope.metrics.verdicts import all_of, direction_claim, tolerance_claim
 from optiscope.theory.deep_linear import (
     apply_preconditioner,
     balanced_factors,

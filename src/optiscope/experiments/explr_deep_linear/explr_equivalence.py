@@ -35,11 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.scale_invariance import scale_invariance_report
 from optiscope.lab.store import RunStore
-from optiscope.metrics.verdicts import negative_control_claim, tolerance_claim
+from optiscope.metrics.verdicts import all_of, negative_control_claim, tolerance_claim
 from optiscope.optim import SGD, ExpLR
 from optiscope.theory.explr import explr_alpha, step_decay_lrs
 from optiscope.utils.config import Config, require

@@ -28,11 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from optiscope.experiments._verdict_parts import all_of
 from optiscope.experiments.base import Claim, Result, register
 from optiscope.lab.init_check import limit_threads
 from optiscope.lab.store import RunStore
-from optiscope.metrics.verdicts import check_premises, direction_claim, tolerance_claim
+from optiscope.metrics.verdicts import all_of, check_premises, direction_claim, tolerance_claim
 from optiscope.optim import SGD, RMSProp
 from optiscope.theory.init import (
     chain_gf_escape_time,
