@@ -52,7 +52,12 @@ def test_warning_above_three_times_training():
     assert "10.0x the training time" in costly.warning()
 
 
-def test_run_prints_the_budget_and_warns(capsys):
+def test_run_prints_the_budget_and_warns(capsys, monkeypatch):
+    from optiscope.utils import progress
+
+    # earlier tests (CLI --quiet through CliRunner) may have silenced output process-wide
+    monkeypatch.setattr(progress, "_QUIET", False)
+    monkeypatch.delenv("OPTISCOPE_QUIET", raising=False)
     pb = tiny_problem()
     run = Run(pb, "sgd:lr=0.1", steps=4, batch_size=16, probe_every=1, probes=["loss", "sharpness:max_iter=200"],
               checkpoint=False)
