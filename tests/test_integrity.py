@@ -398,3 +398,28 @@ def _write_cfg(tmp_path: Path) -> Path:
     p = tmp_path / "cfg.yaml"
     p.write_text(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in CFG.to_dict().items()}))
     return p
+
+
+def test_run_experiment_holds_the_writer_lock(tmp_path, monkeypatch):
+    """While an experiment runs, its directory is locked: a reader's RunStore.open leaves its temporary files
+    alone."""
+    from optiscope.experiments import base
+    from optiscope.utils.lock import is_locked
+
+    seen = {}
+
+    def fn(cfg, store):
+        tmp = store.path(".results.json.abcd.tmp")
+        tmp.write_bytes(b"partial")
+        seen["locked"] = is_locked(store.root)
+        RunStore.open(store.root)  # a reader meanwhile
+        seen["tmp_kept"] = tmp.exists()
+        tmp.unlink()
+        return base.Result()
+
+    spec = base.get("init_chain")
+    monkeypatch.setitem(base._REGISTRY, "init_chain", base.ExperimentSpec(
+        spec.name, spec.paper, spec.title, spec.config, spec.presets, fn))
+    base.run_experiment("init_chain", "quick", out=tmp_path / "e")
+    assert seen == {"locked": True, "tmp_kept": True}
+    assert not is_locked(tmp_path / "e")

@@ -181,6 +181,13 @@ def run_experiment(name: str, preset: str = "quick", out: str | Path | None = No
     spec = get(name)
     cfg = config if config is not None else resolve_config(name, preset, overrides, config_file)
     store = RunStore(out or Path("runs") / f"{name}-{preset}")
+    # the writer lock for the whole experiment: a second writer is refused, and a reader opening the directory
+    # meanwhile leaves this run's temporary files alone
+    with store.lock():
+        return _run_locked(name, preset, spec, cfg, store)
+
+
+def _run_locked(name: str, preset: str, spec: ExperimentSpec, cfg: Config, store: RunStore) -> RunStore:
     store.write_config(cfg)
     store.set_status("running", experiment=name, preset=preset, seed=getattr(cfg, "seed", None),
                      paper=spec.paper, started=time.time())
