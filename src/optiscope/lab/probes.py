@@ -591,7 +591,7 @@ class AdamAlignmentProbe(Probe):
     - ``P_i`` (the optimizer's diagonal preconditioner, adaptive optimizers only): ``align_precond``.
 
     The paper states that h_i aligns with |g_i| while Adam's adaptive gradient is nearly uniform and does not align;
-    spec §2f marks the exact statistic UNKNOWN, so the default reading is the rank correlation above (Spearman is
+    the paper does not print the exact statistic, so the default reading is the rank correlation above (Spearman is
     scale-free, so the lr does not matter). Also records ``adaptive_gradient_uniformity`` = max/median of
     ``|Delta theta_i|`` on I (the update's analogue of R_med).
     """

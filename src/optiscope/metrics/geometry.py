@@ -126,8 +126,8 @@ def diagonal_dominance(block: Any) -> DiagonalDominance:
     """Diagonal domination of a sampled principal sub-block ``H[I, I]`` (Jiang et al. 2023, App. E, Eq. (40)).
 
     Per coordinate ``r_i = sum_{j in I, j != i} |H_ij| / |H_ii|`` (the paper's statistic decreases during training as
-    the Hessian "becomes more diagonal", which fixes this orientation; Eq. (40) itself is not recoverable, spec 2f).
-    Reported: mean and median of ``r_i`` (the paper's Fig. 14), and the alternatives of the spec, the mass ratio
+    the Hessian "becomes more diagonal", which fixes this orientation; Eq. (40) itself is not recoverable).
+    Reported: mean and median of ``r_i`` (the paper's Fig. 14), and the alternative readings, the mass ratio
     ``sum_{i!=j}|H_ij| / sum_i |H_ii|`` and ``||offdiag||_F / ||diag||_F``. A zero diagonal entry gives
     ``r_i = inf``. Accepts a square matrix or a result with ``.matrix`` (``Hessian.diagonal_block``).
     """
@@ -155,7 +155,7 @@ def singular_vector_uniformity(W: Any, side: str = "left") -> float:
 
     For ``W1 in R^{m x d}`` (hidden units on rows) the hidden-unit side is the left singular vector (default);
     ``side="right"`` uses the right one (e.g. for ``W2 in R^{k x m}``). For an approximately rank-one layer R_u
-    approximates R_med of that layer under whitened inputs (spec 2f).
+    approximates R_med of that layer under whitened inputs.
     """
     A = _as_array(W, "W")
     if A.ndim != 2 or min(A.shape) == 0:

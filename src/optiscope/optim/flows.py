@@ -21,8 +21,8 @@ term a Hessian-vector product with one vector per distinct batch. In the full-ba
 the full-batch path uses that closed form (one gradient and one HVP per evaluation).
 
 Integrators: ``"rk4"`` (classical Runge-Kutta with ``substeps`` steps per interval [nh, (n+1)h], the default) and
-``"discrete"``, the memoryless iteration theta <- theta - h P - h^2 Q (Cattaneo et al. 2024, §5 footnote, Eq. 11/63; the spec marks the
-exact form of Eq. 63 [UNKNOWN], so it is an option, not the default).
+``"discrete"``, the memoryless iteration theta <- theta - h P - h^2 Q (Cattaneo et al. 2024, §5 footnote, Eq. 11/63; the exact form of Eq. 63 is not
+recoverable from the paper, so it is an option, not the default).
 
 RMSProp is Adam with beta1 = 0 and no bias correction (:meth:`AdamHyper.rmsprop`).
 Hessian-vector products are forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) through

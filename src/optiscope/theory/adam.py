@@ -236,7 +236,7 @@ def eps_regime(g, eps: float, eps_inside_sqrt: bool = True, margin: float = 10.0
 
 
 def eps_outside_norm(v, eps: float) -> float:
-    """The eps-outside analogue of the perturbed one-norm (spec 1b, eps outside; form in paper [UNKNOWN]).
+    """The eps-outside analogue of the perturbed one-norm (eps outside; its form is not printed in the paper).
 
         Phi_eps(v) = sum_i ( |v_i| - eps log(1 + |v_i|/eps) ),   d Phi_eps / d v_i = v_i / (|v_i| + eps),
 
@@ -249,7 +249,7 @@ def eps_outside_norm(v, eps: float) -> float:
 
 
 def truncation_horizon(beta1: float, beta2: float, tol: float = 1e-6) -> int:
-    """History length K after which EMA weights fall below ``tol`` (spec 1c hint: K ~ 10/(1-max(b1,b2))).
+    """History length K after which EMA weights fall below ``tol`` (K ~ 10/(1-max(b1,b2))).
 
     K = ceil( log(tol) / log(max(b1, b2)) ): terms older than K steps carry weight max(b1,b2)^K <= tol in the
     mini-batch piecewise ODE (Cattaneo et al. 2024, Thm. 3.1) and are dropped. The default tol = 1e-6 keeps the truncation error

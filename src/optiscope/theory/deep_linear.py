@@ -45,7 +45,7 @@ def _check_depth(depth: int) -> int:
 def psd_power(A, p: float) -> np.ndarray:
     """``[A]^p`` for a symmetric PSD matrix ``A`` and ``p >= 0`` via its eigendecomposition.
 
-    Eigenvalues below ``8 n eps max(lambda)`` (rounding noise, possibly negative) are treated as 0; ``[A]^0 = I`` (spec Paper 4, 4j-1: "p = 0 gives
+    Eigenvalues below ``8 n eps max(lambda)`` (rounding noise, possibly negative) are treated as 0; ``[A]^0 = I`` ("p = 0 gives
     the identity even when the matrix is singular").
     """
     A = _as_matrix(A, "A")
@@ -91,7 +91,7 @@ def balanced_factors(W_e, depth: int, hidden: int | None = None, rng: np.random.
 
     With the SVD ``W_e = U S V^T`` (rank r) and orthonormal ``O_j in R^{hidden x r}``:
     ``W_1 = O_1 S^{1/N} V^T``, ``W_j = O_j S^{1/N} O_{j-1}^T``, ``W_N = U S^{1/N} O_{N-1}^T``; then
-    ``W_{j+1}^T W_{j+1} = O_j S^{2/N} O_j^T = W_j W_j^T`` (spec 4j-1). ``O_j`` are random (``rng``) or, without
+    ``W_{j+1}^T W_{j+1} = O_j S^{2/N} O_j^T = W_j W_j^T``. ``O_j`` are random (``rng``) or, without
     ``rng``, the first r coordinate vectors. ``hidden`` defaults to ``min(k, d)`` and must be >= rank(W_e).
     """
     N = _check_depth(depth)
@@ -169,7 +169,7 @@ class PreconditionerSpectrum:
 
 
 def preconditioner_eigenvalues(W_e, depth: int) -> PreconditionerSpectrum:
-    """Eigenvalues of ``P_{W_e}`` from the SVD ``W_e = sum_r sigma_r u_r v_r^T`` (spec 4j-1, Claim 1).
+    """Eigenvalues of ``P_{W_e}`` from the SVD ``W_e = sum_r sigma_r u_r v_r^T`` (Claim 1).
 
     ``lambda_{r, r'} = sum_{j=1}^N sigma_r^{2(N-j)/N} sigma_{r'}^{2(j-1)/N}`` with eigenvector ``vec(u_r v_{r'}^T)``;
     ``sigma_r := 0`` beyond the rank and ``0^0 := 1``. Indexing: ``r`` over the k left vectors, ``r'`` over the d
@@ -196,7 +196,7 @@ def preconditioner_eigenvalues(W_e, depth: int) -> PreconditionerSpectrum:
 
 
 def end_to_end_step(W_e, grad, depth: int, lr: float, weight_decay: float = 0.0) -> np.ndarray:
-    """One discrete end-to-end step (spec 4j-1, ACH Eq. 10):
+    """One discrete end-to-end step (Arora, Cohen, Hazan 2018, Eq. 10):
 
     ``W_e <- (1 - lr*weight_decay*N) W_e - lr * sum_j [W_e W_e^T]^{(j-1)/N} grad [W_e^T W_e]^{(N-j)/N}``.
 
@@ -211,7 +211,7 @@ def end_to_end_step(W_e, grad, depth: int, lr: float, weight_decay: float = 0.0)
 
 
 def singular_value_velocity(W_e, grad, depth: int) -> np.ndarray:
-    """``d sigma_r/dt = -N (sigma_r^2)^{1-1/N} <grad l(W_e), u_r v_r^T>`` (spec 4j-1, ACHL 2019 Thm. 3).
+    """``d sigma_r/dt = -N (sigma_r^2)^{1-1/N} <grad l(W_e), u_r v_r^T>`` (Arora, Cohen, Hu, Luo 2019 Thm. 3).
 
     Returned for every r = 1..min(k, d) (in the SVD order, descending sigma). For N = 1 it is
     ``-<grad, u_r v_r^T>``; for N >= 2 a singular value's speed grows with its size (Arora et al. 2018: "preconditioners
@@ -229,7 +229,7 @@ def singular_value_velocity(W_e, grad, depth: int) -> np.ndarray:
 
 
 def single_output_step(w, grad, depth: int, lr: float, weight_decay: float = 0.0) -> np.ndarray:
-    """Single-output (k = 1) form of the end-to-end step (spec 4j-1, ACH 2018):
+    """Single-output (k = 1) form of the end-to-end step (Arora, Cohen, Hazan 2018):
 
     ``w <- (1 - lr*weight_decay*N) w - lr ||w||^{2-2/N} (grad + (N-1) (w_hat^T grad) w_hat)``, ``w_hat = w/||w||``.
 

@@ -16,7 +16,7 @@ Three groups of results, each quantity in one function whose docstring gives the
 * **Init schemes** (Orvieto et al. 2022, §2): LeCun / Xavier / He variances and uniform ranges, the per-layer gain
   ``c m sigma^2`` and the Thm. 10 scaling exponents of gradient and Hessian-block norms.
 
-Conventions (documented readings where the spec marks details [OPEN]): the chain input/target default to
+Conventions (documented readings where the paper leaves details open): the chain input/target default to
 ``x = y = 1``; uniform init is ``U[-a, a]`` with ``a = sqrt(3)`` the variance-preserving ("optimal") choice; the loss
 is ``l = (1/2)(y - f)^2``.
 """

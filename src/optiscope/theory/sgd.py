@@ -16,9 +16,9 @@ Spectrally expressible (SE) approximation (Velikanov et al. 2023, §3, Eq. 7 and
 (eigenvalues, coefficients, optional multiplicities) and the hyper-parameters; the recursion runs in torch
 (vectorised over eigenvalues and over a grid of (lr, momentum)), the rest is numpy/scipy.
 
-Conventions chosen where the spec marks a detail open (documented per function): immediate divergence means the
+Conventions chosen where the paper leaves a detail open (documented per function): immediate divergence means the
 noiseless condition fails (or ``sum lambda^2 = inf`` for a power law with nu <= 1/2); the synthetic power law
-uses exact tail sums ``sum_{l>=k} c_l = K k^-kappa``; Prop. 5 uses output-space ``c_k`` (spec "Discrepancy").
+uses exact tail sums ``sum_{l>=k} c_l = K k^-kappa``; Prop. 5 uses output-space ``c_k`` (the paper's two forms differ; this one is used).
 """
 
 from __future__ import annotations
@@ -895,7 +895,7 @@ def transition_time(C_signal: float, C_noise: float, zeta: float, xi: float) -> 
 
 
 def negative_momentum_criterion(spectrum: Spectrum, nu: float) -> float:
-    """Prop. 5 / Eq. 30 (Velikanov et al. 2023, §6, Prop. 12, Eq. 202), output-space form (spec "Discrepancy")::
+    """Prop. 5 / Eq. 30 (Velikanov et al. 2023, §6, Prop. 12, Eq. 202), output-space form (the paper's two forms differ; this one is used)::
 
         S = (sum_k lambda_k)(sum_k c_k) - ((nu - 1)/nu) (sum_k lambda_k^2)(sum_k c_k / lambda_k)
 

@@ -17,8 +17,8 @@ dynamics of SGD+M and Adam exactly as in the paper's Eq. (3), and what Theorem 1
   R_med^SGD ~ max/median of m squared Gaussians = Theta(log m) (:func:`gaussian_uniformity`), while Adam's
   sign-like early updates make |u_i| nearly uniform, so R_med^Adam = O(1) (-> 1 as the init scale -> 0).
 
-The exact rates and the time window of Theorem 1 are not recoverable from the paper (spec "Paper 2", 2g,
-[RECALL]); tests check the ordering and the Gaussian-vector prediction, never a hard-coded rate.
+The exact rates and the time window of Theorem 1 are not recoverable from the paper;
+tests check the ordering and the Gaussian-vector prediction, never a hard-coded rate.
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def simulate(W1: np.ndarray, W2: np.ndarray, problem: TwoLayerProblem, optimizer
              bias_correction: bool = False, record_every: int = 0) -> Trajectory:
     """Large-batch (population-gradient) dynamics of Jiang et al. 2023, Eq. (3), in numpy.
 
-    SGD+M (PyTorch convention; the paper's momentum form is [UNKNOWN] in spec 2g):
+    SGD+M (PyTorch convention; the paper does not state its momentum form):
         ``M <- momentum M + g``,  ``W <- W - lr M``.
     Adam (xi outside the root; no bias correction by default, as the theory's Eq. (3) is read):
         ``M <- b1 M + (1 - b1) g``, ``V <- b2 V + (1 - b2) g^2``, ``W <- W - lr M / (sqrt(V) + eps)``

@@ -299,7 +299,7 @@ def teacher_regression(d: int = 20, n: int = 512, n_test: int = 512, k: int = 1,
 
 def powerlaw_features(nu: float = 1.5, kappa: float = 1.0, d: int = 256, n: int = 1024, n_test: int = 1024,
                       seed: int = 0, dtype: torch.dtype = torch.float32) -> Dataset:
-    """Gaussian features with a power-law spectrum and power-law target (Velikanov et al. 2023 eq. (25), spec §e generator).
+    """Gaussian features with a power-law spectrum and power-law target (Velikanov et al. 2023 eq. (25), its generator).
 
     Population feature covariance ``Sigma = Q diag(lambda) Q^T`` with ``lambda_k = k^(-nu)`` (``Lambda = 1``) and a
     random orthogonal ``Q`` (``k = 1..d``); the target is linear, ``y = x . w*``, with per-mode moments

@@ -204,7 +204,7 @@ class TwoLayerLinear(nn.Module):
     r"""Two-layer linear network ``f(x) = W2 W1 x`` with ``W1 in R^{m x d}``, ``W2 in R^{k x m}`` (Jiang et al. 2023, §5).
 
     Jiang et al. 2023, Assumption 2: i.i.d. Gaussian entries with a small standard deviation ``init_std`` (default ``1e-3``,
-    the spec's sanity simulation; ``None`` uses LeCun normal ``1/fan_in``). Parameters ``W1``, ``W2``.
+    the sanity simulation; ``None`` uses LeCun normal ``1/fan_in``). Parameters ``W1``, ``W2``.
     """
 
     def __init__(self, d: int, m: int = 64, k: int = 1, init_std: float | None = 1e-3, seed: int = 0) -> None:
@@ -229,7 +229,7 @@ class Bilinear(nn.Module):
 
     With the data of :meth:`data` (``x = 1``, target ``y``) and :class:`optiscope.zoo.data.HalfMSELoss` the loss is
     ``E(theta) = (y - theta1 theta2)^2 / 2``; minima on the hyperbola ``theta1 theta2 = y``. One parameter
-    ``theta = (theta1, theta2)``; default start ``(2.8, 3.5)`` (the spec's numerical-check start; the paper's value is not recoverable).
+    ``theta = (theta1, theta2)``; default start ``(2.8, 3.5)`` (a numerical-check start; the paper's value is not recoverable).
     """
 
     def __init__(self, theta1: float = 2.8, theta2: float = 3.5, seed: int = 0) -> None:
@@ -238,7 +238,7 @@ class Bilinear(nn.Module):
 
     @staticmethod
     def data(y: float = 1.5, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """The one-sample batch ``(x = [[1]], y = [[y]])`` (``y = 3/2`` default: spec §1d guess)."""
+        """The one-sample batch ``(x = [[1]], y = [[y]])`` (``y = 3/2`` default: a guess, not printed in the paper)."""
         return torch.ones(1, 1, dtype=dtype), torch.full((1, 1), float(y), dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ class AdamFlowOrderConfig(Config):
     seed: int = 0
     hs: tuple[float, ...] = (4e-3, 2e-3, 1e-3)
     substeps: int = 1
-    # bilinear (spec 1b check values)
+    # bilinear (reference values)
     bilinear_horizon: float = 0.5
     bilinear_betas: tuple[float, float] = (0.5, 0.8)
     bilinear_eps: float = 1e-2

@@ -1,9 +1,9 @@
 """Depth as a preconditioner: end-to-end dynamics of deep linear networks, measured against theory.
 
 The research notes after Arora et al. 2018, "Linear Networks via GD Trajectory", Eq. (1): gradient descent on the factors of
-``W_e = W_N ... W_1`` moves the end-to-end matrix by ``-eta P_{W_e} vec(grad l(W_e))`` (spec Paper 4, 4j-1,
+``W_e = W_N ... W_1`` moves the end-to-end matrix by ``-eta P_{W_e} vec(grad l(W_e))`` (Arora, Cohen, Hazan 2018,
 Thm. 1 / Claim 1), and singular values move at ``d sigma_r/dt = -N sigma_r^{2-2/N} <grad l, u_r v_r^T>``
-(ACHL 2019 Thm. 3), so for N >= 2 large singular values move faster.
+(Arora, Cohen, Hu, Luo 2019 Thm. 3), so for N >= 2 large singular values move faster.
 
 Part A (one step): for each depth, balanced factors of a random ``W_e``; one GD step on the factors of a least
 squares loss; the measured change of ``W_e`` against (i) the preconditioner formula and (ii) plain GD on ``W_e``,
@@ -219,7 +219,7 @@ def run(config: DeepLinearDynamicsConfig, store: RunStore) -> Result:
         "one_step_preconditioner",
         "One GD step on balanced factors changes W_e by -eta P_{W_e} vec(grad l) up to O(eta^2) (depths "
         f"{list(config.depths)})",
-        paper="Arora et al. 2018, Eq. (1); spec: factor-GD one-step change matches to 3.1e-6 (finite-difference error)",
+        paper="Arora et al. 2018, Eq. (1); measured reference: factor-GD one-step change matches to 3.1e-6 (finite-difference error)",
         measured={"relative_error_at_lr_min": formula_small,
                   "error_ratio_between_two_smallest_lrs": order, "lr_ratio": hi / lo},
         **_v(all_of([tolerance_claim(max(formula_small.values()), 0.0, abs_tol=1e-3)]
@@ -245,7 +245,7 @@ def run(config: DeepLinearDynamicsConfig, store: RunStore) -> Result:
     claims.append(Claim(
         "singular_value_velocity",
         "Measured d sigma_r/dt along GD matches -N sigma_r^{2-2/N} <grad l, u_r v_r^T> (median relative error)",
-        paper="ACHL 2019 Thm. 3 (spec 4j-1)", measured=vel,
+        paper="Arora, Cohen, Hu, Luo 2019 Thm. 3", measured=vel,
         **_v(tolerance_claim(max(vel_vals) if vel_vals else float("nan"), 0.0, abs_tol=0.05,
                              premises=[(bool(vel_vals), "no singular value moved enough to measure its velocity")]))))
     spread = {}

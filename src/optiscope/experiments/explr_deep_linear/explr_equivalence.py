@@ -10,7 +10,7 @@ Fashion-MNIST, same initialisation and mini-batch order:
   ``eta alpha^{-2t-1}`` with the initial momentum buffer; step decay: the general recurrence).
 
 Which parameters are scale-invariant is *measured* (:func:`optiscope.lab.scale_invariance.scale_invariance_report`)
-on the initial model, not hard-coded. The others (final layer, BatchNorm affine parameters) are handled as the spec
+on the initial model, not hard-coded. The others (final layer, BatchNorm affine parameters) are handled as the notes
 says (caveat 1): ``exclude`` (default: no weight decay and the plain ``eta_t`` in both runs, so the identity stays
 exact), ``freeze`` (not trained), or ``include`` (treated like the invariant ones; the identity then only holds
 approximately, which this option exists to show).

@@ -177,7 +177,7 @@ def run(config: ScaleInvarianceConfig, store: RunStore) -> Result:
         Claim("usual_bn_eps_is_approximate",
               f"With BatchNorm's usual eps = {config.usual_bn_eps:g} the lemma holds only approximately (max |cos| "
               "and gradient-ratio error on the BN-fed weights)",
-              paper="exact only for exactly scale-invariant losses (spec caveat)",
+              paper="exact only for exactly scale-invariant losses (a caveat of the equivalence)",
               measured={"max_abs_cos": usual_cos, "max_grad_ratio_error": usual_ratio},
               **_v(check_premises([(False, ("descriptive: the size of the deviation is reported, there is "
                                             "no threshold to judge it against"))]))),

@@ -2,7 +2,7 @@
 research notes' ratio penalty.
 
 The research notes after Arora et al. 2019, "Adam + Ratio" and "Linear Networks via GD Trajectory" (the notes ask why Adam recovers the matrix and
-what depth does); setup of Arora, Cohen, Hu & Luo (2019) as recovered in spec "Paper 4", 4j-2 [V-CODE]:
+what depth does); setup of Arora, Cohen, Hu & Luo (2019, §5 and their code):
 
 * ground truth ``W* = U V^T / sqrt(r)``, ``U, V in R^{n x r}`` i.i.d. N(0, 1), rescaled to ``||W*||_F = n``;
 * ``|Omega|`` entries observed uniformly without replacement, no noise;
@@ -13,7 +13,7 @@ what depth does); setup of Arora, Cohen, Hu & Luo (2019) as recovered in spec "P
   (Mazumder, Hastie & Tibshirani 2010) instead of a conic solver.
 
 **Ratio penalty** (research notes, "Adam + Ratio": "why Adam + our penalty is able to recover the matrix" where GD
-with the same penalty does not). The notes do not print the penalty; the reading used here (spec 4j-3, the notes'
+with the same penalty does not). The notes do not print the penalty; the reading used here (the notes'
 linked note on normalised quantities) is the ratio of the nuclear to the Frobenius norm of the end-to-end matrix,
 ``R(W_e) = ||W_e||_* / ||W_e||_F`` (:func:`ratio_penalty`, option ``penalty_form="nuclear_over_frobenius"``, the only
 form implemented), added as ``lambda R(W_e)`` to the completion loss, lambda swept over ``penalty_weights``. The
@@ -129,7 +129,7 @@ class MatrixCompletionConfig(Config):
 # problem
 # ----------------------------------------------------------------------------------------------------------------
 def ground_truth(size: int, rank: int, generator: torch.Generator) -> torch.Tensor:
-    """``W* = U V^T / sqrt(r)`` with ``U, V ~ N(0, 1)^{n x r}``, rescaled so ``||W*||_F = n`` (spec 4j-2)."""
+    """``W* = U V^T / sqrt(r)`` with ``U, V ~ N(0, 1)^{n x r}``, rescaled so ``||W*||_F = n``."""
     U = torch.randn(size, rank, generator=generator, dtype=torch.float64)
     V = torch.randn(size, rank, generator=generator, dtype=torch.float64)
     W = U @ V.T / math.sqrt(rank)
@@ -137,7 +137,7 @@ def ground_truth(size: int, rank: int, generator: torch.Generator) -> torch.Tens
 
 
 def observation_mask(size: int, n_observed: int, generator: torch.Generator) -> torch.Tensor:
-    """Boolean n x n mask of ``n_observed`` entries drawn uniformly without replacement (spec 4j-2)."""
+    """Boolean n x n mask of ``n_observed`` entries drawn uniformly without replacement."""
     if not 1 <= n_observed <= size * size:
         raise ValueError(f"n_observed={n_observed} must lie in [1, {size * size}]")
     idx = torch.randperm(size * size, generator=generator)[:n_observed]
@@ -150,7 +150,7 @@ def init_factors(depth: int, size: int, init_scale: float, batch: int, generator
                  dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """``depth`` factors of shape [batch, n, n], entries N(0, s^2) with ``s = init_scale^{1/N} n^{-1/2}``.
 
-    Then ``||W_e(0)||_F ~ init_scale * sqrt(n)`` (spec 4j-2, the reference's ``gaussian`` init).
+    Then ``||W_e(0)||_F ~ init_scale * sqrt(n)`` (the reference's ``gaussian`` init).
     """
     s = init_scale ** (1.0 / depth) / math.sqrt(size)
     return [(torch.randn(batch, size, size, generator=generator, dtype=torch.float64) * s).to(dtype)
@@ -166,17 +166,17 @@ def end_to_end(factors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def reconstruction_error(W: torch.Tensor, W_star: torch.Tensor) -> torch.Tensor:
-    """``||W - W*||_F^2 / n^2`` (mean over all entries; the reference's "test loss", spec 4j-2)."""
+    """``||W - W*||_F^2 / n^2`` (mean over all entries; the reference's "test loss")."""
     return ((W - W_star) ** 2).mean(dim=(-2, -1))
 
 
 def nuclear_norm(W: torch.Tensor) -> torch.Tensor:
-    """``||W||_* = sum_i sigma_i(W)`` (spec 4j-2, measured quantity)."""
+    """``||W||_* = sum_i sigma_i(W)`` (measured quantity)."""
     return torch.linalg.svdvals(W).sum(-1)
 
 
 def ratio_penalty(W: torch.Tensor) -> torch.Tensor:
-    """The research notes' ratio penalty in its most likely form (spec 4j-3; the notes themselves do not print it):
+    """The research notes' ratio penalty in its most likely form (the notes themselves do not print it):
 
     ``R(W) = ||W||_* / ||W||_F = (sum_i sigma_i) / sqrt(sum_i sigma_i^2)``,
 
@@ -208,7 +208,7 @@ def _safe_ratio_penalty(W: torch.Tensor) -> torch.Tensor:
 
 def global_rmsprop_step(params: list[torch.Tensor], grads: list[torch.Tensor], state: dict, lr: float,
                         beta: float, eps: float) -> None:
-    """The reference's ``GroupRMSprop`` step, one scalar EMA per problem (spec 4j-2 [V-CODE], ``opt.py``):
+    """The reference's ``GroupRMSprop`` step, one scalar EMA per problem (``opt.py``):
 
     ``s_t = beta s_{t-1} + (1 - beta) sum_params ||grad||^2``, ``lr_t = lr / (sqrt(s_t / (1 - beta^t)) + eps)``,
     ``theta <- theta - lr_t grad`` for every parameter. Here the sum runs per problem (leading batch axis), so each
@@ -242,7 +242,7 @@ def gd_step_size(W_star: torch.Tensor, mask: torch.Tensor, depth: int, factor: f
 
 def nuclear_norm_minimization(observed: torch.Tensor, mask: torch.Tensor, n_mu: int = 30, mu_min_ratio: float = 1e-6,
                               max_iter_per_mu: int = 200, tol: float = 1e-7) -> tuple[torch.Tensor, int, float]:
-    """Nuclear-norm minimisation baseline, ``min ||X||_* s.t. P_Omega(X) = P_Omega(M)`` (spec 4j-2 "Baseline").
+    """Nuclear-norm minimisation baseline, ``min ||X||_* s.t. P_Omega(X) = P_Omega(M)`` (the baseline of Arora, Cohen, Hu & Luo 2019).
 
     Singular value thresholding in the Soft-Impute form (Mazumder, Hastie & Tibshirani 2010), a proximal-gradient
     method for ``min 1/2 ||P_Omega(X - M)||_F^2 + mu ||X||_*``::

@@ -2,7 +2,7 @@
 
 Two exact power-law problems, b = 1 on an infinite dataset (gamma = 1), SE with tau = 1:
 
-* noise-dominated (default nu = 2, kappa = 4.25, the spec's tie-break case): fix alpha at the minimiser of C_noise for beta = 0; Prop. 5 II
+* noise-dominated (default nu = 2, kappa = 4.25, the tie-break case): fix alpha at the minimiser of C_noise for beta = 0; Prop. 5 II
   predicts the sign of ``d ln C_noise / d beta`` at beta = 0 (criterion S of Eq. 30 in output space, spec
   "Discrepancy"); S > 0 means the optimal momentum is negative. We scan beta at that alpha with the SE recursion
   and run a joint (alpha, beta) grid search of the SE loss at the horizon.
