@@ -20,6 +20,7 @@ construction.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -274,6 +275,7 @@ class Hessian:
         self._kept: _Graph | None = None  # the kept gradient graph (weighted sum over the kept batches)
         self._kept_terms: list[int] | None = None  # which batches are kept; the rest are rebuilt per call
         self.graph_bytes: int | None = None  # measured saved-tensor bytes of the kept graph
+        self._once = None  # a graph built while planning that is too large to keep: used by one call
         self.n_graph_builds = 0
         self._cache_key: tuple = ("function", id(problem))
         self._loss_value = problem.value()  # validates: scalar and finite, data accepted by the model
@@ -284,6 +286,7 @@ class Hessian:
         """Drop the kept gradient graph now (its memory is freed); the next HVP rebuilds it."""
         self._kept = None
         self._kept_terms = None
+        self._once = None
 
     def __enter__(self) -> Hessian:
         return self
@@ -326,7 +329,9 @@ class Hessian:
         if self._chunk_size is not None:
             return self._chunk_size
         if self._max_chunk is None:
-            per_vector = self._measure_graph_bytes(0) + 4 * self.numel * first_element_size(self.params) + 1
+            single = len(self._problem.terms) == 1 and self.graph_bytes
+            nbytes = self.graph_bytes if single else self._measure_graph_bytes(0)
+            per_vector = nbytes + 4 * self.numel * first_element_size(self.params) + 1
             self._max_chunk = int(max(1, min(1024, self._memory_budget // per_vector)))
         return self._max_chunk
 
@@ -477,10 +482,19 @@ class Hessian:
             return self._run_chunks(self._hvp_chunk, V)
 
     # ------------------------------------------------------------------------------ gradient graphs
-    def _build_graph(self, terms: list[int]) -> _Graph:
-        """The gradient graph of ``sum_{b in terms} w_b L_b`` (``create_graph=True``); RuntimeError if it is cut."""
+    def _build_graph(self, terms: list[int], measure: list[int] | None = None) -> _Graph:
+        """The gradient graph of ``sum_{b in terms} w_b L_b`` (``create_graph=True``); RuntimeError if it is cut.
+        With ``measure`` (a one-element list), the bytes saved for backward are added to ``measure[0]`` (the same
+        count as :meth:`_measure_graph_bytes`, without a separate pass)."""
         names = self.param_names
-        with self._problem.context():
+        counting = contextlib.nullcontext()
+        if measure is not None:
+            def pack(t: Tensor) -> Tensor:
+                measure[0] += t.numel() * t.element_size()
+                return t
+
+            counting = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with self._problem.context(), counting:
             leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
             loss = None
             for i in terms:
@@ -504,12 +518,21 @@ class Hessian:
         if self.keep_graph is False:
             self._kept_terms = []
             return
-        if self.keep_graph is True or n_terms == 1:
-            sizes = [self._measure_graph_bytes(0)] if n_terms == 1 else [0] * n_terms
-            self.graph_bytes = sizes[0] if n_terms == 1 else None
-            if n_terms == 1 and self.keep_graph is None and sizes[0] > self._memory_budget:
+        if n_terms == 1:
+            # one batch: build the graph once, measuring it on the way (no separate sizing pass); keep it unless it
+            # exceeds the budget (then this call uses it and later calls rebuild)
+            nbytes = [0]
+            graph = self._build_graph([0], measure=nbytes)
+            self.graph_bytes = nbytes[0]
+            if self.keep_graph is None and nbytes[0] > self._memory_budget:
                 self._kept_terms = []
+                self._once = graph
                 return
+            self._kept_terms = [0]
+            self._kept = graph
+            return
+        if self.keep_graph is True:
+            self.graph_bytes = None
             self._kept_terms = list(range(n_terms))
             return
         kept, total = [], 0
@@ -536,7 +559,9 @@ class Hessian:
             for i in range(len(self._problem.terms)):
                 if i in self._kept_terms:
                     continue
-                part = self._through(self._build_graph([i]), V, batched)  # weighted by w_i; dropped after this call
+                once, self._once = self._once, None  # a graph built while planning: use it once
+                graph = once if once is not None else self._build_graph([i])
+                part = self._through(graph, V, batched)  # weighted by w_i; dropped after this call
                 out = part if out is None else {n: out[n] + part[n] for n in out}
             return out
         except (RuntimeError, NotImplementedError) as e:
