@@ -48,9 +48,9 @@ def _public_members(module) -> list[tuple[str, object]]:
 def _modules(package: str) -> list:
     pkg = importlib.import_module(package)
     mods = [pkg]
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_"):
-            mods.append(importlib.import_module(f"{package}.{info.name}"))
+    for info in pkgutil.walk_packages(pkg.__path__, f"{package}."):  # subpackages too (e.g. theory.sgd)
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            mods.append(importlib.import_module(info.name))
     return mods
 
 

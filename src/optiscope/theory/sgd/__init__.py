@@ -34,8 +34,8 @@ Map of the package (every name is importable from ``optiscope.theory.sgd`` itsel
 - ``advice``: the negative-momentum criterion (Prop. 5), optimal learning rates in the two phases, and
   :func:`advise` (§6).
 
-The functions and classes are defined in these modules and presented here under ``optiscope.theory.sgd``
-(their ``__module__`` says so), which is where the rest of optiscope and its documentation name them.
+The functions and classes are defined in these modules and re-exported here: ``optiscope.theory.sgd.<name>``
+works for every public name, as before the split.
 """
 
 # ruff: noqa: F401  (the names of the single module this package replaces, kept importable from here)
@@ -146,16 +146,3 @@ __all__ = [
     "stability_map",
     "transition_time",
 ]
-
-# Present the public functions and classes under this package (the name the documentation and the paper index use);
-# the modules below stay importable as ``optiscope.theory.sgd.<module>``.
-for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith(__name__ + "."):
-        _obj.__module__ = __name__
-del _name, _obj
-
-# The package namespace lists the same names as the single module it replaces (the submodules are not attributes).
-for _sub in ("spectrum", "recursion", "generating", "critical", "asymptotics", "advice"):
-    globals().pop(_sub, None)
-del _sub

@@ -192,7 +192,7 @@ def stability(spectrum: Spectrum, lr: float, momentum: float, batch_size: int, d
         return float(np.real(noise_generating_function(spectrum, z, lr, momentum, gamma, tau1, tau2))) - 1.0
 
     hi = 1.0 - 1e-15
-    # S(x, z) > 0 on (0, 1) inside the noiseless region (seed Lemma 1), so U~ is finite and increasing there.
+    # S(x, z) > 0 on (0, 1) inside the noiseless region (Velikanov et al. 2023, Lemma 1), so U~ is finite and increasing there.
     if f(hi) < 0:  # U~(1) >= 1 only because some D_k <= 0: the pole sits at z = 1 exactly; treat as r -> 1
         r = hi
     else:
