@@ -9,6 +9,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from test_curvature import TinyTransformer, _seq_ce  # the same tiny models as the dense-reference tests
 from torch import nn
 
 from optiscope.curvature import Hessian, trace_estimate
@@ -18,20 +19,6 @@ from optiscope.curvature.trace import TRACE_METHODS
 
 DT = torch.float64
 
-
-class TinyTransformer(nn.Module):
-    def __init__(self, vocab=5, d=4, heads=2, ff=6):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.enc = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
-        self.out = nn.Linear(d, vocab)
-
-    def forward(self, x):
-        return self.out(self.enc(self.emb(x)))
-
-
-def _seq_ce(out, y):
-    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
 def problem(kind: str, n: int = 12):

@@ -11,12 +11,9 @@ from optiscope.lab import Problem
 torch.set_num_threads(1)
 
 
-def tiny_problem(n: int = 96, d: int = 5, hidden: int = 6, classes: int = 3, seed: int = 0,
-                 dtype=torch.float64, bn: bool = False, dropout: float = 0.0) -> Problem:
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g, dtype=dtype)
-    W = torch.randn(d, classes, generator=g, dtype=dtype)
-    y = (X @ W).argmax(1)
+def tiny_mlp(d: int = 5, hidden: int = 6, classes: int = 3, seed: int = 0, dtype=torch.float64, bn: bool = False,
+             dropout: float = 0.0) -> nn.Sequential:
+    """Linear -> [BatchNorm] -> tanh -> [Dropout] -> Linear, initialised from ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Linear(d, hidden)]
     if bn:
@@ -25,7 +22,16 @@ def tiny_problem(n: int = 96, d: int = 5, hidden: int = 6, classes: int = 3, see
     if dropout:
         layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(hidden, classes))
-    model = nn.Sequential(*layers).to(dtype)
+    return nn.Sequential(*layers).to(dtype)
+
+
+def tiny_problem(n: int = 96, d: int = 5, hidden: int = 6, classes: int = 3, seed: int = 0,
+                 dtype=torch.float64, bn: bool = False, dropout: float = 0.0) -> Problem:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=dtype)
+    W = torch.randn(d, classes, generator=g, dtype=dtype)
+    y = (X @ W).argmax(1)
+    model = tiny_mlp(d, hidden, classes, seed=seed, dtype=dtype, bn=bn, dropout=dropout)
     return Problem(model, nn.functional.cross_entropy, train=(X, y), eval=(X[:32], y[:32]), probe_batch=(X, y))
 
 

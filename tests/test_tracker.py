@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_lab_common import tiny_mlp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -34,15 +35,7 @@ def data(n=64, d=5, classes=3, seed=0):
 
 
 def mlp(d=5, hidden=6, classes=3, bn=False, dropout=0.0, seed=0):
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Linear(d, hidden)]
-    if bn:
-        layers.append(nn.BatchNorm1d(hidden))
-    layers.append(nn.Tanh())
-    if dropout:
-        layers.append(nn.Dropout(dropout))
-    layers.append(nn.Linear(hidden, classes))
-    return nn.Sequential(*layers).to(DT)
+    return tiny_mlp(d, hidden, classes, seed=seed, dtype=DT, bn=bn, dropout=dropout)
 
 
 def dense_hessian(model, X, y, loss_fn=F.cross_entropy):

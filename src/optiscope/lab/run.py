@@ -525,7 +525,6 @@ class Run:
         """Before training: print the probes' HVPs per checkpoint and their ETA from one timed HVP
         (:func:`optiscope.lab.probes.probe_budget`), and warn (``UserWarning``) when they would cost more than 3x
         the training time. Skipped when no probe needs the Hessian; a failed estimate never stops the run."""
-        import os
         import warnings as pywarnings
 
         from optiscope.lab.probes import probe_budget, probe_hvps
@@ -541,7 +540,7 @@ class Run:
         except Exception as e:  # noqa: BLE001 - an estimate only
             print(f"warning: {self.name}: probe budget not estimated ({type(e).__name__}: {e})", file=sys.stderr)
             return
-        if not (getattr(progress, "_QUIET", False) or os.environ.get("OPTISCOPE_QUIET", "") not in ("", "0")):
+        if not progress.quiet_requested():
             print(f"{self.name}: {budget.summary()}", file=sys.stderr)  # also when piped (not a progress bar)
         if budget.warning():
             pywarnings.warn(f"{self.name}: {budget.warning()}", UserWarning, stacklevel=3)

@@ -17,10 +17,16 @@ def set_quiet(quiet: bool) -> None:
     _QUIET = bool(quiet)
 
 
+def quiet_requested() -> bool:
+    """Whether ``--quiet`` was asked for: :func:`set_quiet` or ``OPTISCOPE_QUIET=1`` (read now, so that a worker's
+    environment counts); one-line notes such as the probe budget are silenced by this, not by a missing terminal."""
+    return _QUIET or os.environ.get("OPTISCOPE_QUIET", "") not in ("", "0")
+
+
 def is_quiet() -> bool:
-    """Whether progress bars are off: :func:`set_quiet` or ``OPTISCOPE_QUIET=1``, or stderr is not a terminal
-    (unless ``OPTISCOPE_PROGRESS=1`` forces them)."""
-    return _QUIET or not sys.stderr.isatty() and os.environ.get("OPTISCOPE_PROGRESS", "") in ("", "0")
+    """Whether progress bars are off: :func:`quiet_requested`, or stderr is not a terminal (unless
+    ``OPTISCOPE_PROGRESS=1`` forces them)."""
+    return quiet_requested() or not sys.stderr.isatty() and os.environ.get("OPTISCOPE_PROGRESS", "") in ("", "0")
 
 
 class _NullTask:
