@@ -76,6 +76,19 @@ def check_premises(premises: Premises = ()) -> Verdict | None:
     return None
 
 
+def _interval_or_verdict(ci: Sequence[float] | None, estimate: float | None,
+                         premises: Premises) -> Verdict | tuple[float, float, str]:
+    """The common start of the interval claims: a failed premise or a missing CI is the (untestable) verdict;
+    otherwise ``(low, high, "estimate ")`` for the description."""
+    if (v := check_premises(premises)) is not None:
+        return v
+    iv = _ci(ci)
+    if iv is None:
+        return Verdict(None, "untestable here: no finite confidence interval")
+    est = f"{_fmt(float(estimate))} " if _finite(estimate) else ""
+    return iv[0], iv[1], est
+
+
 def band_claim(ci: Sequence[float] | None, band: tuple[float, float], *, widen_to: tuple[float, float] | None = None,
                null: float | None = 1.0, estimate: float | None = None, premises: Premises = ()) -> Verdict:
     r"""Claim of a size, e.g. the paper's "1.4-2x": judged by the CI against a widened band.
@@ -97,13 +110,10 @@ def band_claim(ci: Sequence[float] | None, band: tuple[float, float], *, widen_t
     wa, wb = map(float, widen_to) if widen_to is not None else (a, b)
     if not (wa <= a and wb >= b):
         raise ValueError(f"widen_to {widen_to!r} must contain band {band!r}")
-    if (v := check_premises(premises)) is not None:
-        return v
-    iv = _ci(ci)
-    if iv is None:
-        return Verdict(None, "untestable here: no finite confidence interval")
-    lo, hi = iv
-    est = f"{_fmt(float(estimate))} " if _finite(estimate) else ""
+    pre = _interval_or_verdict(ci, estimate, premises)
+    if isinstance(pre, Verdict):
+        return pre
+    lo, hi, est = pre
     desc = f"{est}CI [{_fmt(lo)}, {_fmt(hi)}] vs band [{_fmt(a)}, {_fmt(b)}] widened to [{_fmt(wa)}, {_fmt(wb)}]"
     if null is not None and not lo > null:
         return Verdict(False, f"{desc}: CI lower bound {_fmt(lo)} <= {_fmt(null)}, direction not established")
@@ -126,13 +136,10 @@ def direction_claim(ci: Sequence[float] | None, *, null: float = 1.0, direction:
     """
     if direction not in ("greater", "less"):
         raise ValueError(f"direction must be 'greater' or 'less', got {direction!r}")
-    if (v := check_premises(premises)) is not None:
-        return v
-    iv = _ci(ci)
-    if iv is None:
-        return Verdict(None, "untestable here: no finite confidence interval")
-    lo, hi = iv
-    est = f"{_fmt(float(estimate))} " if _finite(estimate) else ""
+    pre = _interval_or_verdict(ci, estimate, premises)
+    if isinstance(pre, Verdict):
+        return pre
+    lo, hi, est = pre
     desc = f"{est}CI [{_fmt(lo)}, {_fmt(hi)}]"
     if direction == "greater":
         ok = lo > null
