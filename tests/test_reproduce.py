@@ -211,3 +211,42 @@ def test_sigkill_then_same_command_keeps_finished_and_ends_with_same_claims(fake
     ref = reproduce(tmp_path / "uninterrupted", only=fakes.NAMES, parallel=False)  # = parallel, see above
     assert _claims(out) == ref.claims and len(ref.claims) == 2 * len(fakes.NAMES)
     assert (out / "index.html").exists()
+
+
+def test_longest_first_rule():
+    from optiscope.experiments.reproduce import longest_first
+
+    exp = {"a": 10.0, "b": None, "c": 300.0, "d": 10.0}
+    # unknown first (it may be the longest), then by decreasing expected time, ties by name
+    assert longest_first(["a", "b", "c", "d"], exp) == ["b", "c", "a", "d"]
+
+
+def test_measured_durations_order_the_next_run(fakes, tmp_path, monkeypatch):
+    """A finished job's time goes to the user's cache; the next reproduction starts the longest job first; the
+    user's cache wins over the shipped hints; update_duration_hints merges a reproduction's times into a file."""
+    from optiscope.experiments import reproduce as rp
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({"seconds": {"quick": {"tfake_beta": 1.0, "tfake_gamma": 500.0}}}))
+    monkeypatch.setattr(rp, "DURATIONS", shipped)
+    sel = ["tfake_beta", "tfake_gamma", "tfake_eps"]
+    assert rp.expected_seconds(sel, "quick") == {"tfake_beta": 1.0, "tfake_gamma": 500.0, "tfake_eps": None}
+    started: list[str] = []
+    rp.reproduce(tmp_path / "one", only=sel, parallel=False,
+                 on_event=lambda n, ev, info: started.append(n) if ev == "started" else None)
+    assert started == ["tfake_eps", "tfake_gamma", "tfake_beta"]
+    cache = json.loads((tmp_path / "cache" / "optiscope" / "durations.json").read_text())["seconds"]["quick"]
+    assert set(cache) == set(sel) and all(v > 0 for v in cache.values())
+    # the cache now knows all three: measured times replace the shipped guesses
+    cache = {"tfake_beta": 9.0, "tfake_gamma": 2.0, "tfake_eps": 5.0}
+    (tmp_path / "cache" / "optiscope" / "durations.json").write_text(json.dumps({"seconds": {"quick": cache}}))
+    started.clear()
+    rp.reproduce(tmp_path / "two", only=sel, parallel=False,
+                 on_event=lambda n, ev, info: started.append(n) if ev == "started" else None)
+    assert started == ["tfake_beta", "tfake_eps", "tfake_gamma"]
+    marker = json.loads((tmp_path / "two" / "reproduce.json").read_text())
+    assert marker["experiments"]["tfake_beta"]["expected_seconds"] == 9.0
+    merged = rp.update_duration_hints(tmp_path / "two", shipped)
+    assert set(merged["quick"]) == set(sel)
+    assert json.loads(shipped.read_text())["seconds"]["quick"]["tfake_eps"] == merged["quick"]["tfake_eps"]

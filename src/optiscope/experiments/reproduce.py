@@ -38,6 +38,9 @@ from optiscope.utils.atomic import atomic_write_json
 MARKER = "reproduce.json"
 CLAIMS = "claims.json"
 LOCK = ".reproduce.lock"
+DURATIONS = Path(__file__).with_name("durations.json")
+"""Measured seconds per experiment and preset (one thread, one worker each), shipped with the package and
+refreshed from a finished reproduction by :func:`update_duration_hints`; used only to order the jobs."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,6 +226,72 @@ class _Lock:
         if self.fh is not None:
             fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
             self.fh.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scheduling: longest job first
+# ----------------------------------------------------------------------------------------------------------------
+def _user_durations_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "optiscope" / "durations.json"
+
+
+def _read_durations(path: Path) -> dict[str, dict[str, float]]:
+    import json
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for preset, table in (d.get("seconds") or {}).items() if isinstance(d, dict) else ():
+        if isinstance(table, dict):
+            out[str(preset)] = {str(k): float(v) for k, v in table.items() if isinstance(v, (int, float)) and v > 0}
+    return out
+
+
+def expected_seconds(names: Iterable[str], preset: str) -> dict[str, float | None]:
+    """Expected run time of each experiment at ``preset``: its time in this user's cache of measured times
+    (``~/.cache/optiscope/durations.json``, written after every finished job), else the measured hints shipped with
+    the package (:data:`DURATIONS`); None when unknown."""
+    cache, shipped = _read_durations(_user_durations_path()), _read_durations(DURATIONS)
+    return {n: cache.get(preset, {}).get(n) or shipped.get(preset, {}).get(n) for n in names}
+
+
+def longest_first(names: Sequence[str], expected: Mapping[str, float | None]) -> list[str]:
+    """Order jobs for a pool of identical workers by the longest-processing-time rule (Graham 1969): longest
+    expected time first, unknown times before all known ones (an unknown job may be the longest), ties by name.
+    With ``m`` workers the makespan is at most ``4/3 - 1/(3m)`` times the optimum, and never below the longest
+    job, so a reproduction is only as fast as its longest experiment allows."""
+    return sorted(names, key=lambda n: (expected.get(n) is not None, -(expected.get(n) or 0.0), n))
+
+
+def _remember_duration(name: str, preset: str, seconds: float) -> None:
+    """Add one measured time to the user's cache (best effort: an unwritable cache is ignored)."""
+
+    path = _user_durations_path()
+    try:
+        d = {"seconds": _read_durations(path)}
+        d["seconds"].setdefault(preset, {})[name] = round(float(seconds), 1)
+        atomic_write_json(path, d)
+    except (OSError, ValueError, TypeError):
+        pass
+
+
+def update_duration_hints(reproduce_dir: str | Path, path: str | Path = DURATIONS) -> dict[str, dict[str, float]]:
+    """Merge the measured seconds of the finished experiments of a reproduction directory into the hints file
+    ``path`` (default: the one shipped with the package) and return the merged table."""
+    marker = read_marker(Path(reproduce_dir)) or {}
+    table = _read_durations(Path(path))
+    for name, e in (marker.get("experiments") or {}).items():
+        sec = e.get("seconds")
+        if e.get("status") == "finished" and isinstance(sec, (int, float)) and sec > 0 and e.get("preset"):
+            table.setdefault(str(e["preset"]), {})[name] = round(float(sec), 1)
+    table = {p: dict(sorted(t.items())) for p, t in sorted(table.items())}
+    atomic_write_json(Path(path), {"about": "seconds per experiment and preset, 1 thread, measured by "
+                                            "`optiscope reproduce`; used to run the longest experiments first",
+                                   "seconds": table})
+    return table
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -438,6 +507,8 @@ def reproduce(out: str | Path, papers: Sequence[str] | None = None, only: Sequen
                         e.update(status="running", started=info.get("started"))
                     else:
                         e.update({k: v for k, v in info.items() if k != "traceback"})
+                        if info.get("status") == "finished" and info.get("seconds"):
+                            _remember_duration(name, str(e.get("preset") or preset), float(info["seconds"]))
                         if info.get("traceback"):
                             e["traceback"] = info["traceback"]
                         e["finished"] = time.time()
@@ -445,6 +516,12 @@ def reproduce(out: str | Path, papers: Sequence[str] | None = None, only: Sequen
                     if on_event is not None:
                         on_event(name, ev, e)
 
+                expected: dict[str, float | None] = {}
+                for s in todo:  # per experiment at its own preset (medium falls back to quick)
+                    expected[s.name] = expected_seconds([s.name], preset_for(s, preset))[s.name]
+                    exps[s.name]["expected_seconds"] = expected[s.name]
+                order = {n: i for i, n in enumerate(longest_first([s.name for s in todo], expected))}
+                todo = sorted(todo, key=lambda s: order[s.name])
                 jobs = []
                 for s in todo:
                     mod, mod_dir = _module_location(s)
@@ -474,7 +551,9 @@ __all__ = [
     "ReproduceResult",
     "check_out_dir",
     "claim_rows",
+    "expected_seconds",
     "experiment_state",
+    "longest_first",
     "paper_names",
     "paper_short_name",
     "preset_for",
@@ -482,4 +561,5 @@ __all__ = [
     "reproduce",
     "run_one",
     "select_experiments",
+    "update_duration_hints",
 ]
