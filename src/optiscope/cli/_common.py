@@ -72,7 +72,8 @@ def print_notices(store) -> None:
 def prepare_experiment(name: str, preset: str, out, overrides, config_file, device: str | None, resume: bool,
                        force: bool):
     """``optiscope run``: resolve the experiment's config (``--device`` becomes ``--set device=...`` for
-    experiments whose config has a ``device`` field) and take the output directory's writer lock. A directory that
+    experiments whose config has a ``device`` field; a CPU-only experiment runs on the CPU with a note saying why)
+    and take the output directory's writer lock. A directory that
     already holds a run is refused unless ``--resume`` (same experiment, config equal field by field: it is
     re-run into the directory) or ``--force`` (the old run is moved aside). Returns ``(config, locked RunStore)``;
     the caller releases the lock. Exits 2 with a message on any refusal."""
@@ -87,11 +88,15 @@ def prepare_experiment(name: str, preset: str, out, overrides, config_file, devi
     overrides = list(overrides)
     device = check_device(device)
     if device is not None:
-        if "device" in spec.config.field_names():
+        from optiscope.experiments.base import device_support
+
+        supported, why = device_support(spec)
+        if supported:
             overrides.append(f"device={device}")
         elif device != "cpu":
-            fail(f"experiment {name!r} runs on the CPU only (its config has no device field); --device {device} "
-                 "is not supported")
+            Console(stderr=True, soft_wrap=True).print(
+                f"[yellow]note:[/] experiment {name} runs on the CPU ({why}); --device {device} does not apply",
+                highlight=False)
     try:
         cfg = resolve_config(name, preset, overrides, config_file)
         store = RunStore(out or Path("runs") / f"{name}-{preset}")

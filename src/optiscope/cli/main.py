@@ -60,7 +60,8 @@ def run(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML file of config fields"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     json_: bool = typer.Option(False, "--json", help="print results.json and the paths as JSON (docs/cli.md)"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N | auto"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N | auto (experiments without "
+                                         "torch work run on the CPU, with a note saying why)"),
     resume: bool = typer.Option(False, "--resume", help="re-run into --out holding this experiment, same config"),
     force: bool = typer.Option(False, "--force", help="move a run already in --out aside (DIR.old-TIME)"),
 ) -> None:

@@ -35,12 +35,16 @@ import importlib
 import pkgutil
 import time
 import traceback
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from optiscope.lab.store import RunStore
 from optiscope.utils.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 TIERS = ("quick", "medium", "full")
@@ -65,7 +69,7 @@ class Claim:
 
     @classmethod
     def judged(cls, id: str, claim: str, paper: Any, measured: Any, verdict: tuple[bool | None, str],
-               tier: str | None = None) -> "Claim":
+               tier: str | None = None) -> Claim:
         """Build a claim from a ``(holds, reason)`` verdict of :mod:`optiscope.metrics.verdicts`."""
         holds, reason = verdict
         return cls(id, claim, paper, measured, holds, reason, tier)
@@ -96,17 +100,24 @@ class ExperimentSpec:
     presets: Mapping[str, Config]
     fn: Callable[[Config, RunStore], Result]
     description: str = ""
+    cpu_only: str = ""
+    """Why the experiment runs on the CPU only (empty: its config has a ``device`` field)."""
 
 
 _REGISTRY: dict[str, ExperimentSpec] = {}
 _DISCOVERED = False
 
 
-def register(name: str, *, paper: str, title: str, config: type[Config], presets: Mapping[str, Config]):
+def register(name: str, *, paper: str, title: str, config: type[Config], presets: Mapping[str, Config],
+             cpu_only: str = ""):
     """Decorator registering ``fn(config, store) -> Result`` under ``name``.
 
     ``presets`` must include ``quick`` and ``full`` and may include ``medium``; no other names (see ``TIERS``).
+    ``cpu_only``: the reason an experiment without a ``device`` config field runs on the CPU only (e.g. "numpy
+    theory, no torch tensors"); an experiment cannot have both.
     """
+    if cpu_only and "device" in config.field_names():
+        raise ValueError(f"experiment {name!r}: cpu_only is given but config {config.__name__} has a device field")
     missing = {"quick", "full"} - set(presets)
     if missing:
         raise ValueError(f"experiment {name!r}: presets {sorted(missing)} are missing")
@@ -123,10 +134,52 @@ def register(name: str, *, paper: str, title: str, config: type[Config], presets
     def deco(fn):
         if name in _REGISTRY and _REGISTRY[name].fn.__module__ != fn.__module__:
             raise ValueError(f"experiment name {name!r} is registered twice")
-        _REGISTRY[name] = ExperimentSpec(name, paper, title, config, dict(presets), fn, (fn.__doc__ or "").strip())
+        _REGISTRY[name] = ExperimentSpec(name, paper, title, config, dict(presets), fn, (fn.__doc__ or "").strip(),
+                                         str(cpu_only))
         return fn
 
     return deco
+
+
+def require_device(device: Any, field: str = "device") -> None:
+    """Config validation of a device field: ``ConfigError`` naming the value and the devices of this machine unless
+    ``device`` is ``"cpu"``, ``"auto"`` or a device that exists here (``"cuda"``, ``"cuda:N"``; resolved by
+    :func:`optiscope.lab.problem.resolve_device`). Other device types (``"meta"``: no data, ``"mps"``) are refused."""
+    from optiscope.lab.problem import resolve_device
+
+    if not isinstance(device, str) or not device.strip():
+        raise ConfigError(f"field {field!r} = {device!r} is invalid; allowed: a device name (cpu, cuda, cuda:N, "
+                          f"auto); {_devices_here()}")
+    try:
+        dev = resolve_device(device.strip())
+    except ValueError as e:
+        raise ConfigError(f"field {field!r} = {device!r} is invalid: {e}; {_devices_here()}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"field {field!r} = {device!r} is invalid: experiments run on cpu or cuda, not "
+                          f"{dev.type!r}; {_devices_here()}")
+
+
+def _devices_here() -> str:
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cuda = f"cuda (cuda:0..cuda:{n - 1})" if n else "no CUDA device"
+    return f"this machine has: cpu, {cuda}"
+
+
+def experiment_device(config: Config) -> torch.device:
+    """The ``torch.device`` of a config's ``device`` field (``"auto"``: CUDA when available, else the CPU)."""
+    from optiscope.lab.problem import resolve_device
+
+    return resolve_device(str(getattr(config, "device", "cpu")).strip())
+
+
+def device_support(spec: ExperimentSpec) -> tuple[bool, str]:
+    """``(True, "")`` for an experiment whose config has a ``device`` field, else ``(False, reason)`` with the reason
+    it runs on the CPU only (registered as ``cpu_only``; a generic one when none was registered)."""
+    if "device" in spec.config.field_names():
+        return True, ""
+    return False, spec.cpu_only or f"config {spec.config.__name__} has no device field"
 
 
 def discover() -> None:
@@ -212,4 +265,17 @@ def _run_locked(name: str, preset: str, spec: ExperimentSpec, cfg: Config, store
     return store
 
 
-__all__ = ["TIERS", "Claim", "Result", "ExperimentSpec", "register", "registry", "get", "resolve_config", "run_experiment"]
+__all__ = [
+    "TIERS",
+    "Claim",
+    "ExperimentSpec",
+    "Result",
+    "device_support",
+    "experiment_device",
+    "get",
+    "register",
+    "registry",
+    "require_device",
+    "resolve_config",
+    "run_experiment",
+]

@@ -15,7 +15,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from optiscope.experiments.adam_implicit_bias.common import bilinear_problem
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.lab.store import RunStore
 from optiscope.metrics.verdicts import all_of, direction_claim
 from optiscope.optim.flows import AdamHyper, adam_iterates
@@ -45,8 +45,10 @@ class AdamBilinearConfig(Config):
     h_sweep_betas_penalized: tuple[float, float] = (0.95, 0.8)    # b1 > b2
     h_sweep_betas_antipenalized: tuple[float, float] = (0.8, 0.95)  # b1 < b2
     tail_fraction: float = 0.1      # the limit point is the mean of the last 10% of iterates
+    device: str = "cpu"             # where the model, its data and Adam's state live
 
     def validate(self):
+        require_device(self.device)
         require(self.horizon > 0, "horizon", self.horizon, "> 0")
         require(self.eps > 0, "eps", self.eps, "> 0")
         require(self.h > 0 and all(x > 0 for x in self.h_sweep), "h", (self.h, self.h_sweep), "> 0")
@@ -67,7 +69,7 @@ def _run_one(f, p0, cfg, h, b1, b2):
     hp = AdamHyper(h=h, beta1=b1, beta2=b2, eps=cfg.eps)
     steps = int(round(cfg.horizon / h))
     tr = adam_iterates(f, p0, hp, steps)
-    th = tr.thetas.numpy()
+    th = tr.thetas.cpu().numpy()
     tail = th[-max(1, int(cfg.tail_fraction * len(th))):]
     limit = tail.mean(axis=0)
     return {"h": h, "beta1": b1, "beta2": b2, "lambda1": one_norm_coefficient(h, b1, b2),
@@ -83,7 +85,7 @@ def _run_one(f, p0, cfg, h, b1, b2):
 def run(cfg: AdamBilinearConfig, store: RunStore) -> Result:
     """Where Adam ends on the hyperbola ``theta1 theta2 = y`` for each beta pair and step size, against the
     ordering that the sign of the one-norm correction predicts (Cattaneo et al. 2024, Table 1)."""
-    f, p0 = bilinear_problem(cfg.y, cfg.theta0)
+    f, p0 = bilinear_problem(cfg.y, cfg.theta0, device=experiment_device(cfg))
     sweeps = {
         "beta1": [(cfg.h, b, cfg.beta2_fixed) for b in cfg.beta1_sweep],
         "beta2": [(cfg.h, cfg.beta1_fixed, b) for b in cfg.beta2_sweep],

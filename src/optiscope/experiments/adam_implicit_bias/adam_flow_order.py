@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from optiscope.experiments.adam_implicit_bias.common import bilinear_problem, loglog_slope, max_abs_distance
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.lab.store import RunStore
 from optiscope.metrics.verdicts import tolerance_claim
 from optiscope.optim.flows import AdamHyper, adam_iterates, integrate_flow, model_loss
@@ -44,8 +44,10 @@ class AdamFlowOrderConfig(Config):
     mlp_n_train: int = 64
     mlp_betas: tuple[float, float] = (0.5, 0.8)
     mlp_eps: float = 1.0   # large-eps regime: with eps = 1e-2 or 1e-4 the h used here are pre-asymptotic (stiff)
+    device: str = "cpu"    # where both models, their data, Adam and the flows run
 
     def validate(self):
+        require_device(self.device)
         for name in ("hs", "mlp_hs"):
             v = getattr(self, name)
             require(len(v) >= 2 and all(h > 0 for h in v), name, v, ">= 2 step sizes > 0")
@@ -58,14 +60,14 @@ class AdamFlowOrderConfig(Config):
         require(self.mlp_n_train >= 10, "mlp_n_train", self.mlp_n_train, ">= 10")
 
 
-def _digits_mlp(cfg: AdamFlowOrderConfig):
+def _digits_mlp(cfg: AdamFlowOrderConfig, device: torch.device):
     from optiscope.zoo.data import load_dataset
     from optiscope.zoo.models import MLP
 
     ds = load_dataset("digits", n_train=cfg.mlp_n_train, seed=cfg.seed)
     X, y = ds.train
     net = MLP(ds.input_dim, ds.output_dim, depth=2, width=cfg.mlp_width, activation="gelu", seed=cfg.seed).double()
-    return model_loss(net, torch.nn.CrossEntropyLoss(), (X.double(), y))
+    return model_loss(net.to(device), torch.nn.CrossEntropyLoss(), (X.double().to(device), y.to(device)))
 
 
 def _order_study(f, p0, hs, horizon, betas, eps, substeps, task):
@@ -93,9 +95,11 @@ def _order_study(f, p0, hs, horizon, betas, eps, substeps, task):
 def run(cfg: AdamFlowOrderConfig, store: RunStore) -> Result:
     """The maximal distance between Adam's iterates and the first- and second-order flows against ``h``; the
     log-log slopes must be 1 and 2 (Cattaneo et al. 2024, Thm. 3.1)."""
-    studies = {"bilinear": (bilinear_problem(), cfg.hs, cfg.bilinear_horizon, cfg.bilinear_betas, cfg.bilinear_eps)}
+    dev = experiment_device(cfg)
+    studies = {"bilinear": (bilinear_problem(device=dev), cfg.hs, cfg.bilinear_horizon, cfg.bilinear_betas,
+                            cfg.bilinear_eps)}
     if cfg.mlp:
-        studies["digits_mlp"] = (_digits_mlp(cfg), cfg.mlp_hs, cfg.mlp_horizon, cfg.mlp_betas, cfg.mlp_eps)
+        studies["digits_mlp"] = (_digits_mlp(cfg, dev), cfg.mlp_hs, cfg.mlp_horizon, cfg.mlp_betas, cfg.mlp_eps)
     metrics, claims = {}, []
     total = sum(2 * len(s[1]) for s in studies.values())
     with progress_task("adam_flow_order", total) as task:

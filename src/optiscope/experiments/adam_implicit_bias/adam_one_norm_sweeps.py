@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import spearmanr
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.lab import Problem, compare
 from optiscope.lab.store import RunStore
 from optiscope.metrics.verdicts import tolerance_claim
@@ -45,8 +45,10 @@ class AdamSweepConfig(Config):
     beta1_sweep: tuple[float, ...] = (0.8, 0.9, 0.95)
     probe_every: int = 20
     correction_probe: bool = True
+    device: str = "cpu"             # model, data, training and probes (CPU init and batch orders, then moved)
 
     def validate(self):
+        require_device(self.device)
         require(self.n_train >= 10, "n_train", self.n_train, ">= 10")
         require(self.n_test >= 10, "n_test", self.n_test, ">= 10")
         require(self.steps >= 2, "steps", self.steps, ">= 2")
@@ -94,7 +96,8 @@ def run(cfg: AdamSweepConfig, store: RunStore) -> Result:
     that Cattaneo et al. 2024 (Table 1) predict from the sign of beta1 - beta2."""
     flatten = not cfg.model.startswith(("small_cnn", "stripped_resnet"))
     problem = Problem.from_specs(cfg.model, cfg.dataset, seed=cfg.seed, probe_size=cfg.n_train,
-                                 n_train=cfg.n_train, n_test=cfg.n_test, flatten=flatten)
+                                 n_train=cfg.n_train, n_test=cfg.n_test, flatten=flatten,
+                                 device=experiment_device(cfg))
     cases = {}
     for b2 in cfg.beta2_sweep:
         cases[f"b1={cfg.beta1_fixed},b2={b2}"] = (cfg.beta1_fixed, b2)

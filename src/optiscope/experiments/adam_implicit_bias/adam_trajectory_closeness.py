@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from optiscope.experiments.adam_implicit_bias.common import bilinear_problem, max_abs_distance
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.lab.store import RunStore
 from optiscope.metrics.verdicts import all_of, negative_control_claim, tolerance_claim
 from optiscope.optim.flows import AdamHyper, adam_iterates, integrate_flow, model_loss
@@ -56,8 +56,10 @@ class AdamClosenessConfig(Config):
     bilinear_h: float = 1e-3
     bilinear_horizon: float = 0.5
     bilinear_eps: float = 1e-8
+    device: str = "cpu"             # where the MLP, its data, Adam and the flows run (built on the CPU, then moved)
 
     def validate(self):
+        require_device(self.device)
         require(self.dataset in ("fashion_mnist", "digits"), "dataset", self.dataset, "fashion_mnist or digits")
         require(self.n_train >= 10, "n_train", self.n_train, ">= 10")
         require(self.width >= 1, "width", self.width, ">= 1")
@@ -154,8 +156,9 @@ def run(cfg: AdamClosenessConfig, store: RunStore) -> Result:
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     ds = load_dataset(cfg.dataset, n_train=cfg.n_train, seed=cfg.seed)
     X, y = ds.train
+    dev = experiment_device(cfg)
     net = MLP(ds.input_dim, ds.output_dim, depth=3, width=cfg.width, activation="gelu", seed=cfg.seed).to(dtype)
-    f, p0 = model_loss(net, torch.nn.CrossEntropyLoss(), (X.to(dtype), y))
+    f, p0 = model_loss(net.to(dev), torch.nn.CrossEntropyLoss(), (X.to(dtype).to(dev), y.to(dev)))
     n_bil = int(round(cfg.bilinear_horizon / cfg.bilinear_h)) if cfg.bilinear else 0
     per_run = (4 if cfg.also_discrete else 3)
     claims: list[Claim] = []
@@ -171,7 +174,7 @@ def run(cfg: AdamClosenessConfig, store: RunStore) -> Result:
             c = closeness(f, p0, hp, cfg.epochs, cfg.substeps, cfg.integrator, cfg.also_discrete, task.advance)
             runs.append((f"eps{eps:g}", f"MLP on {cfg.dataset} (N={cfg.n_train}), eps={eps:g}", c, eps))
         if cfg.bilinear:
-            fb, pb = bilinear_problem()
+            fb, pb = bilinear_problem(device=dev)
             hp = AdamHyper(h=cfg.bilinear_h, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.bilinear_eps)
             c = closeness(fb, pb, hp, n_bil, cfg.substeps, cfg.integrator, cfg.also_discrete, task.advance)
             runs.append(("bilinear", "bilinear", c, cfg.bilinear_eps))

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from optiscope.experiments.base import require_device
 from optiscope.lab.probes import weight_matrix_params
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
@@ -494,6 +495,8 @@ class LMConfig(Config):
     * ``batch_size`` is large relative to the data ("we used large batch sizes"); the Hessian is taken on a fixed
       ``probe_size``-sequence batch; ``exclude_first`` layers are left out of the headline numbers (§2).
     * ``band`` / ``band_widened``: the paper's size of the effect and the widened band the CI is judged against.
+    * ``device``: where the model, the data and the Hessian live (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``);
+      the model is initialised on the CPU and moved, batch orders are drawn on the CPU, so they do not depend on it.
     """
 
     seed: int = 0
@@ -526,8 +529,10 @@ class LMConfig(Config):
     n_bootstrap: int = 2000
     band: tuple[float, float] = PAPER_BAND
     band_widened: tuple[float, float] = WIDENED_BAND
+    device: str = "cpu"
 
     def validate(self) -> None:
+        require_device(self.device)
         for f in ("seq_len", "n_train", "probe_size", "d_model", "n_layers", "n_heads", "steps", "batch_size",
                   "repeats", "n_checkpoints", "per_layer", "loss_every"):
             require(getattr(self, f) >= 1, f, getattr(self, f), ">= 1")
@@ -565,9 +570,12 @@ class LMConfig(Config):
         return tuple(self.adam_lrs) or (self.adam_lr,)
 
 
-def lm_problem(cfg: LMConfig, random_targets: bool = False):
+def lm_problem(cfg: LMConfig, random_targets: bool = False, device: Any = None):
     """Problem: ``TinyTransformer`` (causal LM, seeded init) on ``fortunes`` (or its random-target version,
-    Jiang et al. 2023, §4.2); the Hessian batch is the first ``probe_size`` training sequences."""
+    Jiang et al. 2023, §4.2); the Hessian batch is the first ``probe_size`` training sequences. Model and data are
+    built on the CPU and moved to ``device`` (default: ``cfg.device``)."""
+    from optiscope.experiments.base import experiment_device
+
     from optiscope.lab import Problem
     from optiscope.zoo.data import default_loss, fortunes, random_labels
     from optiscope.zoo.models import TinyTransformer
@@ -579,7 +587,8 @@ def lm_problem(cfg: LMConfig, random_targets: bool = False):
                             n_heads=cfg.n_heads, n_layers=cfg.n_layers, causal=True, seed=cfg.seed)
     X, y = ds.train
     return Problem(model, default_loss(ds), train=ds.train, eval=ds.test,
-                   probe_batch=(X[:cfg.probe_size], y[:cfg.probe_size]), task="lm", name=ds.name)
+                   probe_batch=(X[:cfg.probe_size], y[:cfg.probe_size]), task="lm", name=ds.name,
+                   device=experiment_device(cfg) if device is None else device)
 
 
 def sgdm_spec(cfg: LMConfig, lr: float) -> tuple[str, dict]:

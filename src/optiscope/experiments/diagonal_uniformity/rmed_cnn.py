@@ -10,8 +10,9 @@ and its R_med is no longer smaller; we report whatever is measured, judged by ``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.experiments.diagonal_uniformity import common as rc
 from optiscope.lab.probes import weight_matrix_params
 from optiscope.metrics.verdicts import Verdict, direction_claim, fraction_claim, mean_ci
@@ -43,8 +44,10 @@ class CNNConfig(Config):
     at: str = "late_mean"
     exclude_first: int = 2
     n_bootstrap: int = 2000
+    device: str = "cpu"             # model, data and Hessian (CPU init and batch orders, then moved)
 
     def validate(self) -> None:
+        require_device(self.device)
         for f in ("n_train", "probe_size", "hidden", "steps", "batch_size", "repeats", "n_checkpoints",
                   "per_layer"):
             require(getattr(self, f) >= 1, f, getattr(self, f), ">= 1")
@@ -69,8 +72,9 @@ FULL = CNNConfig(n_train=60000, probe_size=1024, channels=(32, 64, 128), hidden=
                  sgdm_lrs=(0.05, 0.1, 0.5, 1.0), adam_lrs=(1e-3, 5e-3, 1e-2), repeats=8, n_checkpoints=10)
 
 
-def cnn_problem(cfg: CNNConfig):
-    """``SmallCNN`` (seeded init) on a Fashion-MNIST subset; Hessian batch = the first ``probe_size`` images."""
+def cnn_problem(cfg: CNNConfig, device: Any = None):
+    """``SmallCNN`` (seeded init) on a Fashion-MNIST subset; Hessian batch = the first ``probe_size`` images. Built on
+    the CPU and moved to ``device`` (default: ``cfg.device``)."""
     from optiscope.lab import Problem
     from optiscope.zoo.data import default_loss, fashion_mnist
     from optiscope.zoo.models import SmallCNN
@@ -80,7 +84,8 @@ def cnn_problem(cfg: CNNConfig):
                      seed=cfg.seed)
     X, y = ds.train
     return Problem(model, default_loss(ds), train=ds.train, eval=ds.test,
-                   probe_batch=(X[:cfg.probe_size], y[:cfg.probe_size]), task="classification", name=ds.name)
+                   probe_batch=(X[:cfg.probe_size], y[:cfg.probe_size]), task="classification", name=ds.name,
+                   device=experiment_device(cfg) if device is None else device)
 
 
 @register("rmed_cnn", paper="000", title="R_med of Adam vs SGD+M on a small CNN (Fashion-MNIST), App. A.8",

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.utils.config import Config, require
 from optiscope.utils.plotting import plt
 from optiscope.utils.progress import progress_task
@@ -87,7 +87,7 @@ class TwoLayerRMedConfig(Config):
         require(0 < self.adam_slope_fraction < 1, "adam_slope_fraction", self.adam_slope_fraction, "in (0, 1)")
         require(self.exact_max_params >= 0, "exact_max_params", self.exact_max_params, ">= 0")
         require(self.dtype in ("float32", "float64"), "dtype", self.dtype, "float32 or float64")
-        require(isinstance(self.device, str) and self.device, "device", self.device, "a torch device string")
+        require_device(self.device)
 
     def dims(self, m: int) -> tuple[int, float, float]:
         """``(d, sigma0, adam_lr)`` at width m under ``scale_with_width``."""
@@ -131,7 +131,7 @@ def train_one(cfg: TwoLayerRMedConfig, m: int, init_seed: int, optimizer: str) -
     a = (a / a.norm()).to(dt)
     W1 = (sigma0 * torch.randn(m, d, generator=g, dtype=torch.float64)).to(dt)
     w2 = (sigma0 * torch.randn(m, generator=g, dtype=torch.float64)).to(dt)
-    dev = torch.device(cfg.device)
+    dev = experiment_device(cfg)
     a, W1, w2 = a.to(dev), W1.to(dev).requires_grad_(), w2.to(dev).requires_grad_()
     spec = (("sgdm", {"lr": cfg.sgdm_lr, "momentum": cfg.momentum}) if optimizer == "sgdm" else
             ("adam", {"lr": adam_lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}))

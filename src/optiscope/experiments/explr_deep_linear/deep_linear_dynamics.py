@@ -24,7 +24,7 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.lab.store import RunStore
 from optiscope.metrics.verdicts import all_of, direction_claim, tolerance_claim
 from optiscope.theory.deep_linear import (
@@ -64,8 +64,12 @@ class DeepLinearDynamicsConfig(Config):
     # compare velocities only for sigma_r above velocity_floor * sigma*_r whose predicted speed is above
     # velocity_floor times the fastest one's
     velocity_floor: float = 1e-2
+    # where the factors and the autograd steps live (random draws stay in numpy on the CPU; the SVDs of W_e and the
+    # theory are numpy, so each checkpoint copies W_e back)
+    device: str = "cpu"
 
     def validate(self) -> None:
+        require_device(self.device)
         require(len(self.depths) > 0 and all(d >= 1 for d in self.depths), "depths", self.depths,
                 "non-empty, each >= 1")
         for name in ("rows", "cols", "hidden", "n_samples", "dim", "max_steps", "log_every"):
@@ -82,22 +86,25 @@ class DeepLinearDynamicsConfig(Config):
         require(self.velocity_floor > 0, "velocity_floor", self.velocity_floor, "> 0")
 
 
-def _factor_step(factors: list[np.ndarray], grad_fn, lr: float) -> tuple[np.ndarray, np.ndarray]:
-    """One GD step on the factors (torch autograd, float64); returns (W_e before, W_e after)."""
-    ts = [torch.tensor(f, dtype=torch.float64, requires_grad=True) for f in factors]
+def _factor_step(factors: list[np.ndarray], grad_fn, lr: float,
+                 device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """One GD step on the factors (torch autograd, float64, on ``device``); returns (W_e before, W_e after) as
+    numpy arrays."""
+    ts = [torch.tensor(f, dtype=torch.float64, device=device, requires_grad=True) for f in factors]
     We = ts[0]
     for t in ts[1:]:
         We = t @ We
     grads = torch.autograd.grad(grad_fn(We), ts)
     with torch.no_grad():
         new = [t - lr * g for t, g in zip(ts, grads)]
-    return We.detach().numpy(), end_to_end_matrix([n.numpy() for n in new])
+    return We.detach().cpu().numpy(), end_to_end_matrix([n.cpu().numpy() for n in new])
 
 
 def one_step_check(config: DeepLinearDynamicsConfig, depth: int, rng: np.random.Generator) -> dict:
     """Part A for one depth: relative errors of the formula and of plain GD, and the eigenvalue check."""
-    X = torch.tensor(rng.standard_normal((config.cols, config.n_samples)))
-    Y = torch.tensor(rng.standard_normal((config.rows, config.n_samples)))
+    dev = experiment_device(config)
+    X = torch.tensor(rng.standard_normal((config.cols, config.n_samples)), device=dev)
+    Y = torch.tensor(rng.standard_normal((config.rows, config.n_samples)), device=dev)
 
     def loss(We):
         return 0.5 * ((We @ X - Y) ** 2).sum() / config.n_samples
@@ -106,8 +113,8 @@ def one_step_check(config: DeepLinearDynamicsConfig, depth: int, rng: np.random.
     factors = balanced_factors(W0, depth, hidden=config.hidden, rng=rng)
     out: dict = {"depth": depth, "balancedness": balancedness(factors), "formula_error": {}, "plain_gd_error": {}}
     for lr in config.step_sizes:
-        We, We_new = _factor_step(factors, loss, lr)
-        grad = ((torch.tensor(We) @ X - Y) @ X.T / config.n_samples).numpy()
+        We, We_new = _factor_step(factors, loss, lr, dev)
+        grad = ((torch.tensor(We, device=dev) @ X - Y) @ X.T / config.n_samples).cpu().numpy()
         measured = We_new - We
         predicted = end_to_end_step(We, grad, depth, lr) - We
         plain = -lr * grad
@@ -130,10 +137,12 @@ def trajectory(config: DeepLinearDynamicsConfig, depth: int, W_star: np.ndarray)
     r = len(config.target_singular_values)
     top = float(preconditioner_eigenvalues(W_star, depth).eigenvalues.max())
     lr = config.lr_factor / top
-    factors = [torch.eye(d, dtype=torch.float64) * config.init_scale ** (1.0 / depth) for _ in range(depth)]
+    dev = experiment_device(config)
+    factors = [torch.eye(d, dtype=torch.float64, device=dev) * config.init_scale ** (1.0 / depth)
+               for _ in range(depth)]
     for f in factors:
         f.requires_grad_(True)
-    Wt = torch.tensor(W_star)
+    Wt = torch.tensor(W_star, device=dev)
     targets = np.array(config.target_singular_values)
     steps, sigmas, vel_err = [], [], []
     learned_at = [None] * r
@@ -143,7 +152,7 @@ def trajectory(config: DeepLinearDynamicsConfig, depth: int, W_star: np.ndarray)
             We = factors[0]
             for f in factors[1:]:
                 We = f @ We
-            W_np = We.detach().numpy()
+            W_np = We.detach().cpu().numpy()
             s = np.linalg.svd(W_np, compute_uv=False)[:r]
             if not np.all(np.isfinite(s)):
                 return {"depth": depth, "lr": lr, "diverged_at": t, "steps": steps, "sigmas": sigmas,
@@ -174,7 +183,7 @@ def trajectory(config: DeepLinearDynamicsConfig, depth: int, W_star: np.ndarray)
             task.advance()
     return {"depth": depth, "lr": lr, "diverged_at": None, "steps": steps, "sigmas": sigmas, "learned_at": learned_at,
             "velocity_error": vel_err, "final_step": t,
-            "final_balancedness": balancedness([f.detach().numpy() for f in factors])}
+            "final_balancedness": balancedness([f.detach().cpu().numpy() for f in factors])}
 
 
 @register("deep_linear_dynamics", paper="003", title="Depth as a preconditioner: end-to-end step vs P_W, "

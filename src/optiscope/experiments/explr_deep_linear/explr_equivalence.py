@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.lab.scale_invariance import scale_invariance_report
 from optiscope.lab.store import RunStore
 from optiscope.metrics.verdicts import all_of, negative_control_claim, tolerance_claim
@@ -73,8 +73,10 @@ class ExpLRConfig(Config):
     target_rel_diff: float = 1e-8
     invariance_tol: float = 1e-6
     log_every: int = 10
+    device: str = "cpu"  # the three training runs (models built on the CPU, then moved; batch orders drawn on the CPU)
 
     def validate(self) -> None:
+        require_device(self.device)
         for name in ("n_train", "n_test", "batch_size", "depth", "width", "steps", "log_every"):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         require(self.depth >= 2, "depth", self.depth, ">= 2 (needs a hidden BatchNorm layer)")
@@ -136,15 +138,16 @@ def run_pair(config: ExpLRConfig, schedule: str, data, invariant: set[str], meas
     ``invariant``: parameters given weight decay (WD run) and the ExpLR schedule (exp run); ``measured``: those
     whose norm ratio is checked against ``1 / a_t``.
     """
-    X, y = data.train
+    dev = experiment_device(config)
+    X, y = (t.to(dev) for t in data.train)
     mult = lr_multipliers(config, schedule)
-    model_wd = build_bn_mlp(config, X[0].numel(), data.n_classes)
-    model_exp = build_bn_mlp(config, X[0].numel(), data.n_classes)
+    model_wd = build_bn_mlp(config, X[0].numel(), data.n_classes).to(dev)
+    model_exp = build_bn_mlp(config, X[0].numel(), data.n_classes).to(dev)
     model_exp.load_state_dict(model_wd.state_dict())
     inv_wd, rest_wd = _split(model_wd, invariant, config.non_invariant)
     inv_exp, rest_exp = _split(model_exp, invariant, config.non_invariant)
     # negative control: the exp run without its schedule (no weight decay, constant eta_t)
-    model_ctl = build_bn_mlp(config, X[0].numel(), data.n_classes)
+    model_ctl = build_bn_mlp(config, X[0].numel(), data.n_classes).to(dev)
     model_ctl.load_state_dict(model_wd.state_dict())
     inv_ctl, rest_ctl = _split(model_ctl, invariant, config.non_invariant)
     opt_ctl = SGD(inv_ctl + rest_ctl, lr=config.lr, momentum=config.momentum)
@@ -228,7 +231,7 @@ def run_pair(config: ExpLRConfig, schedule: str, data, invariant: set[str], meas
             task.advance()
     steps_done = out["diverged_at"] if out["diverged_at"] is not None else config.steps
     # eval-mode (running statistics) test accuracy of both runs: not covered by the theorem
-    Xt, yt = data.test
+    Xt, yt = (t.to(dev) for t in data.test)
     with torch.no_grad():
         model_wd.eval(), model_exp.eval()
         acc_wd = float((model_wd(Xt).argmax(1) == yt).double().mean())
@@ -247,7 +250,8 @@ def run_pair(config: ExpLRConfig, schedule: str, data, invariant: set[str], meas
                    "full": ExpLRConfig(n_train=60000, n_test=10000, width=256, depth=4, steps=20000,
                                        weight_decay=5e-4, log_every=50)})
 def run(config: ExpLRConfig, store: RunStore) -> Result:
-    """ExpLR equivalence (Li & Arora 2020, Theorem 1)."""
+    """ExpLR equivalence (Li & Arora 2020, Theorem 1). Which parameters are scale-invariant is measured on the CPU
+    (one batch); the training runs use ``config.device``."""
     data = load_data(config)
     X, y = data.train
     probe = build_bn_mlp(config, X[0].numel(), data.n_classes)

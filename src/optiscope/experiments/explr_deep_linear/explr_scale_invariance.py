@@ -18,13 +18,14 @@ Fashion-MNIST) this experiment
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.experiments.explr_deep_linear.explr_equivalence import ExpLRConfig, build_bn_mlp, load_data
 from optiscope.lab.scale_invariance import scale_invariance_report
 from optiscope.lab.store import RunStore
@@ -54,8 +55,12 @@ class ScaleInvarianceConfig(Config):
     usual_bn_eps: float = 1e-5
     dtype: str = "float64"
     tol: float = 1e-8
+    # where the SGD training runs; the lemma measurements (lab.scale_invariance, whose perturbation points are drawn
+    # on the CPU) run on a CPU copy of the model at each checkpoint
+    device: str = "cpu"
 
     def validate(self) -> None:
+        require_device(self.device)
         for name in ("n_train", "batch_size", "width", "steps"):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         require(self.depth >= 2, "depth", self.depth, ">= 2 (needs a hidden BatchNorm layer)")
@@ -88,12 +93,14 @@ def expected_invariant(depth: int) -> set[str]:
 def run(config: ScaleInvarianceConfig, store: RunStore) -> Result:
     """Li & Arora 2020, Lemma 1 measured per parameter group along plain SGD training."""
     data = load_data(_model_config(config, config.bn_eps))
-    X, y = data.train
+    dev = experiment_device(config)
+    X_cpu, y_cpu = data.train
+    X, y = X_cpu.to(dev), y_cpu.to(dev)
     loss_fn = nn.CrossEntropyLoss()
-    model = build_bn_mlp(_model_config(config, config.bn_eps), X[0].numel(), data.n_classes)
+    model = build_bn_mlp(_model_config(config, config.bn_eps), X[0].numel(), data.n_classes).to(dev)
     usual = build_bn_mlp(_model_config(config, config.usual_bn_eps), X[0].numel(), data.n_classes)
     opt = SGD(model.parameters(), lr=config.lr)
-    probe = (X[: config.batch_size], y[: config.batch_size])
+    probe = (X_cpu[: config.batch_size], y_cpu[: config.batch_size])
     reports, usual_reports = {}, {}
     norm_identity_err, norm_decreases = 0.0, 0
     invariant_names: list[str] | None = None
@@ -103,7 +110,8 @@ def run(config: ScaleInvarianceConfig, store: RunStore) -> Result:
     with progress_task("scale invariance", total=config.steps) as task:
         for t in range(config.steps + 1):
             if t in config.checkpoints:
-                rep = scale_invariance_report(model, loss_fn, probe, scales=config.scales, tol=config.tol,
+                measured_model = model if dev.type == "cpu" else copy.deepcopy(model).cpu()
+                rep = scale_invariance_report(measured_model, loss_fn, probe, scales=config.scales, tol=config.tol,
                                               perturbations=config.perturbations, seed=config.seed, train_mode=True)
                 reports[t] = rep
                 rows += rep.to_rows(run="bn_eps_tiny", optimizer="sgd", step=t)

@@ -36,7 +36,7 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.lab.store import RunStore
 from optiscope.metrics import effective_rank
 from optiscope.metrics.verdicts import all_of, check_premises, negative_control_claim, tolerance_claim
@@ -88,8 +88,12 @@ class MatrixCompletionConfig(Config):
     penalty_optimizers: tuple[str, ...] = ("adam", "gd")
     penalty_gd_lr_factors: tuple[float, ...] = (1.0, 0.1, 0.01)
     penalty_steps: int = 0          # 0: no penalty study
+    # where the factorizations train (factors, masks, targets, optimizer state); ground truth, masks and initial
+    # factors are drawn on the CPU and moved, and the nuclear-norm baseline (float64 SVD thresholding) stays there
+    device: str = "cpu"
 
     def validate(self) -> None:
+        require_device(self.device)
         require(self.size >= 2, "size", self.size, ">= 2")
         require(1 <= self.rank <= self.size, "rank", self.rank, f"in [1, size={self.size}]")
         require(len(self.n_observed) > 0 and all(1 <= m <= self.size**2 for m in self.n_observed), "n_observed",
@@ -191,7 +195,7 @@ def _safe_ratio_penalty(W: torch.Tensor) -> torch.Tensor:
     """:func:`ratio_penalty` per problem of a batch, ``NaN`` (so: diverged) where ``W`` is non-finite or its SVD
     does not converge (a run blown up by a too large step), instead of an exception for the whole batch."""
     ok = torch.isfinite(W).all(dim=(-2, -1))
-    eye = torch.eye(W.shape[-1], dtype=W.dtype).expand_as(W)
+    eye = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device).expand_as(W)
     Wc = torch.where(ok[:, None, None], W, eye)
     try:
         R = ratio_penalty(Wc)
@@ -306,12 +310,15 @@ def train_batch(factors: list[torch.Tensor], W_star: torch.Tensor, masks: torch.
     mark a problem as diverged at that step. ``penalty_weights`` ([B], default none): each problem's loss gets
     ``lambda_b R(W_e)`` (:func:`ratio_penalty`); penalised problems run all ``max_steps`` (default
     ``config.max_steps``) steps, since their data loss need not reach ``target_loss``; the others stop there.
+    Training runs on ``config.device`` (the inputs are moved there once); the returned matrices are on the CPU.
     """
+    dev = experiment_device(config)
     B = factors[0].shape[0]
     dtype = factors[0].dtype
-    params = [f.clone().requires_grad_(True) for f in factors]
-    target = W_star.to(dtype).expand(B, -1, -1)
-    m = masks.to(dtype)
+    params = [f.to(dev).clone().requires_grad_(True) for f in factors]
+    W_star_dev = W_star.to(dev)
+    target = W_star_dev.to(dtype).expand(B, -1, -1)
+    m = masks.to(dev).to(dtype)
     n_obs = m.sum(dim=(1, 2))
     if optimizer == "gd":
         if not bool((masks == masks[:1]).all()):
@@ -325,16 +332,16 @@ def train_batch(factors: list[torch.Tensor], W_star: torch.Tensor, masks: torch.
         opt = None
     rms_state: dict = {}
     T = config.max_steps if max_steps is None else int(max_steps)
-    lam = (torch.zeros(B, dtype=dtype) if penalty_weights is None
-           else torch.as_tensor(penalty_weights, dtype=dtype).reshape(B))
-    done = torch.zeros(B, dtype=torch.bool)
+    lam = (torch.zeros(B, dtype=dtype, device=dev) if penalty_weights is None
+           else torch.as_tensor(penalty_weights, dtype=dtype).reshape(B).to(dev))
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
     snap = torch.zeros(B, *W_star.shape, dtype=torch.float64)
     steps = [T] * B
     converged = [False] * B
     diverged: list[int | None] = [None] * B
     history: list[tuple[int, list[float], list[float]]] = []
     with limit_threads(1):  # n x n matmuls (n ~ 100): one thread is faster than several
-        _train_loop(params, opt, rms_state if opt is None else None, target, m, n_obs, W_star, config, description,
+        _train_loop(params, opt, rms_state if opt is None else None, target, m, n_obs, W_star_dev, config, description,
                     done, snap, steps, converged, diverged, history, lam, T)
     for b in range(B):
         if diverged[b] is not None:
@@ -363,7 +370,7 @@ def _train_loop(params, opt, rms_state, target, m, n_obs, W_star, config, descri
                 for b in torch.nonzero(newly_div).flatten().tolist():
                     diverged[b], steps[b] = t, t
                 for b in torch.nonzero(newly_conv | newly_end).flatten().tolist():
-                    snap[b] = W[b].detach().double()
+                    snap[b] = W[b].detach().double().cpu()
                     steps[b], converged[b] = t, bool(newly_conv[b])
                 done |= newly_div | newly_conv | newly_end
                 if t % config.log_every == 0 or bool(done.all()):

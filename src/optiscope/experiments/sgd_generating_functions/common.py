@@ -10,6 +10,7 @@ width m in NTK parameterisation at init, empirical NTK ``K`` on the N training p
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,14 +47,17 @@ class NTKProblem:
         return self.f0 - self.y
 
 
-def ntk_problem(dataset: str = "digits", n_points: int | None = None, width: int = 1000, seed: int = 0
-                ) -> NTKProblem:
-    """Build the NTK problem on ``dataset`` ("digits" or "fashion_mnist"; ``n_points`` a seeded training subset)."""
+def ntk_problem(dataset: str = "digits", n_points: int | None = None, width: int = 1000, seed: int = 0,
+                device: Any = None) -> NTKProblem:
+    """Build the NTK problem on ``dataset`` ("digits" or "fashion_mnist"; ``n_points`` a seeded training subset).
+
+    The network is initialised on the CPU; ``device`` (default: the CPU) is where its outputs and the kernel are
+    computed, on a copy. The returned inputs, model and arrays are on the CPU."""
     with torch_threads():
-        return _ntk_problem(dataset, n_points, width, seed)
+        return _ntk_problem(dataset, n_points, width, seed, device)
 
 
-def _ntk_problem(dataset: str, n_points: int | None, width: int, seed: int) -> NTKProblem:
+def _ntk_problem(dataset: str, n_points: int | None, width: int, seed: int, device: Any = None) -> NTKProblem:
     from optiscope.zoo.data import load_dataset
 
     kw: dict[str, Any] = {"seed": seed}
@@ -65,9 +69,12 @@ def _ntk_problem(dataset: str, n_points: int | None, width: int, seed: int) -> N
     lab = labels.to(torch.float64).numpy()
     y = (lab - lab.mean()) / lab.std()
     model = NTKOneHiddenLayer(X.shape[1], width=width, seed=seed, dtype=torch.float64)
+    on, Xd = model, X
+    if device is not None and torch.device(device).type != "cpu":
+        on, Xd = copy.deepcopy(model).to(device), X.to(device)
     with torch.no_grad():
-        f0 = model(X).numpy().copy()
-    K = model.ntk(X).numpy()
+        f0 = on(Xd).cpu().numpy().copy()
+    K = on.ntk(Xd).cpu().numpy()
     K = 0.5 * (K + K.T)
     spec = Spectrum.from_kernel(K, y, initial_outputs=f0, normalize=True, name=f"{dataset} NTK (N={len(y)})")
     Kn = K / spec.scale
@@ -81,20 +88,24 @@ def log_steps(steps: int, count: int = 60) -> np.ndarray:
 
 
 def train_network(problem: NTKProblem, lr: float, momentum: float, batch_size: int, steps: int, n_runs: int,
-                  seed: int = 0, eval_steps: np.ndarray | None = None,
-                  divergence_threshold: float = 1e12) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
+                  seed: int = 0, eval_steps: np.ndarray | None = None, divergence_threshold: float = 1e12,
+                  device: Any = None) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
     """Train copies of the problem's real network (same init) with ``torch.optim.SGD(lr / scale, momentum)`` on
     ``(1/2) mean (f - y)^2`` over batches drawn without replacement (fresh each step); full-data loss at
     ``eval_steps``. Returns ``(eval_steps, loss (n_runs, len(eval_steps)), diverged_at per run)``; a run whose
-    loss becomes non-finite or exceeds ``threshold * L_0`` stops and is recorded as diverged (loss ``inf``)."""
+    loss becomes non-finite or exceeds ``threshold * L_0`` stops and is recorded as diverged (loss ``inf``).
+    ``device`` (default: the CPU): where the networks train; the data are moved there once, the batches are drawn
+    on the CPU (the same batches on every device)."""
     with torch_threads():
-        return _train(problem, lr, momentum, batch_size, steps, n_runs, seed, eval_steps, divergence_threshold)
+        return _train(problem, lr, momentum, batch_size, steps, n_runs, seed, eval_steps, divergence_threshold,
+                      device)
 
 
-def _train(problem, lr, momentum, batch_size, steps, n_runs, seed, eval_steps, divergence_threshold):
+def _train(problem, lr, momentum, batch_size, steps, n_runs, seed, eval_steps, divergence_threshold, device=None):
     eval_steps = log_steps(steps) if eval_steps is None else np.asarray(eval_steps)
-    X = problem.X
-    y = torch.as_tensor(problem.y)
+    dev = torch.device("cpu" if device is None else device)
+    X = problem.X.to(dev)
+    y = torch.as_tensor(problem.y).to(dev)
     n = X.shape[0]
     out = np.full((n_runs, eval_steps.size), np.inf)
     div: list[int | None] = []
@@ -103,6 +114,7 @@ def _train(problem, lr, momentum, batch_size, steps, n_runs, seed, eval_steps, d
     for r in range(n_runs):
         net = NTKOneHiddenLayer(X.shape[1], width=problem.model.width, seed=0, dtype=torch.float64)
         net.load_state_dict(problem.model.state_dict())
+        net.to(dev)
         opt = torch.optim.SGD(net.parameters(), lr=lr / problem.spectrum.scale, momentum=momentum)
         g = torch.Generator().manual_seed(seed * 100_003 + r)
         L0 = None
@@ -119,7 +131,7 @@ def _train(problem, lr, momentum, batch_size, steps, n_runs, seed, eval_steps, d
                 out[r, col[t]] = L
             if t == steps:
                 break
-            idx = torch.randperm(n, generator=g)[:batch_size]
+            idx = torch.randperm(n, generator=g)[:batch_size].to(dev)
             opt.zero_grad(set_to_none=True)
             loss = 0.5 * ((net(X[idx]) - y[idx]) ** 2).mean()
             loss.backward()

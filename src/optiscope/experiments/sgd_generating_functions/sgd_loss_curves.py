@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.experiments.sgd_generating_functions.common import (
     log_steps,
     median_relative_error,
@@ -76,8 +76,12 @@ class LossCurvesConfig(Config):
     het_steps: int = 1000
     het_power_steps: int = 2000
     critical_lr_tolerance: float = 0.05
+    # where the NTK is computed and the real networks train; the output-space simulations and the SE recursion
+    # (theory.sgd_sim, theory.sgd) run on the CPU
+    device: str = "cpu"
 
     def validate(self) -> None:
+        require_device(self.device)
         require(len(self.datasets) >= 1, "datasets", self.datasets, "at least one dataset")
         require(all(d in ("digits", "fashion_mnist") for d in self.datasets), "datasets", self.datasets,
                 "digits and/or fashion_mnist")
@@ -129,7 +133,8 @@ def run(config: LossCurvesConfig, store: RunStore) -> Result:
                              gridspec_kw={"height_ratios": [3, 1.6] * len(config.datasets)})
     with progress_task("sgd_loss_curves", total) as task:
         for di, (ds, npts) in enumerate(zip(config.datasets, config.n_points)):
-            prob = ntk_problem(ds, n_points=npts or None, width=config.width, seed=config.seed)
+            prob = ntk_problem(ds, n_points=npts or None, width=config.width, seed=config.seed,
+                               device=experiment_device(config))
             fit = fit_power_law(prob.spectrum)
             pm = {"n": prob.n, "kernel_scale": prob.spectrum.scale, "initial_loss": prob.spectrum.initial_loss,
                   "power_law": fit.to_dict(), "batches": {}}
@@ -156,7 +161,8 @@ def run(config: LossCurvesConfig, store: RunStore) -> Result:
                 nn_div: list = []
                 if config.nn_runs > 0:
                     ev, nn_loss, nn_div = train_network(prob, config.lr, config.momentum, b, T, config.nn_runs,
-                                                        seed=config.seed + 7 + bi)
+                                                        seed=config.seed + 7 + bi,
+                                                        device=experiment_device(config))
                     nn_mean = nn_loss.mean(axis=0)
                     nn_err = median_relative_error(nn_mean[1:], mean[ev][1:])
                 n_div = int(runs.diverged().sum())

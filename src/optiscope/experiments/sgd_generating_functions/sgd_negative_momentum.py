@@ -88,7 +88,9 @@ FULL = NegativeMomentumConfig(noise_modes=10_000, noise_steps=200_000, signal_mo
 
 
 @register("sgd_negative_momentum", paper="004", title="Negative momentum in the noise-dominated phase (Prop. 5, Fig. 6)",
-          config=NegativeMomentumConfig, presets={"quick": QUICK, "full": FULL})
+          config=NegativeMomentumConfig, presets={"quick": QUICK, "full": FULL},
+          cpu_only="generating-function theory on a power-law spectrum (numpy/scipy and the SE recursion of "
+                   "theory.sgd on the CPU): no torch model or data")
 def run(config: NegativeMomentumConfig, store: RunStore) -> Result:
     """Velikanov et al. 2023, §6 Prop. 5 / Fig. 6: Prop. 5's sign vs the SE grid-search optimum of the momentum."""
     b = config.batch_size

@@ -105,7 +105,9 @@ def transition_check(config: PhaseDiagramConfig) -> dict:
 
 
 @register("sgd_phase_diagram", paper="004", title="Power-law phases, asymptotic rates and transition time (Fig. 3)",
-          config=PhaseDiagramConfig, presets={"quick": QUICK, "full": FULL})
+          config=PhaseDiagramConfig, presets={"quick": QUICK, "full": FULL},
+          cpu_only="SE loss curves of power-law spectra (numpy/scipy and the SE recursion of theory.sgd on the "
+                   "CPU): no torch model or data")
 def run(config: PhaseDiagramConfig, store: RunStore) -> Result:
     """Velikanov et al. 2023, Fig. 3 and Thm. 2: predicted phase/exponent/constants vs the SE loss on exact power laws."""
     claims: list[Claim] = []

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.experiments.sgd_generating_functions.common import ntk_problem
 from optiscope.lab.store import RunStore
 from optiscope.metrics.verdicts import fraction_claim, tolerance_claim
@@ -57,8 +57,11 @@ class StabilityMapConfig(Config):
     theory_lrs: int = 100
     theory_momenta: int = 50
     target_rel_error: float = 0.05
+    # where the NTK is computed; the simulated runs and the theory grid (theory.sgd_sim, theory.sgd) run on the CPU
+    device: str = "cpu"
 
     def validate(self) -> None:
+        require_device(self.device)
         require(self.dataset in ("digits", "fashion_mnist"), "dataset", self.dataset, "digits or fashion_mnist")
         require(self.n_points >= 0, "n_points", self.n_points, ">= 0")
         require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
@@ -128,7 +131,8 @@ def simulated_critical_lr(kernel, e0, momentum: float, batch_size: int, lo: floa
           config=StabilityMapConfig, presets={"quick": QUICK, "medium": MEDIUM, "full": FULL})
 def run(config: StabilityMapConfig, store: RunStore) -> Result:
     """Velikanov et al. 2023, Fig. 2, 12-14: U(1) = 1 boundary and Prop. 4 cap vs divergence of simulated runs."""
-    prob = ntk_problem(config.dataset, n_points=config.n_points or None, width=config.width, seed=config.seed)
+    prob = ntk_problem(config.dataset, n_points=config.n_points or None, width=config.width, seed=config.seed,
+                       device=experiment_device(config))
     spec, n, b = prob.spectrum, prob.n, config.batch_size
     if b > n:
         raise ValueError(f"batch_size {b} is larger than the problem (N={n})")

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
+from optiscope.experiments.vanishing_curvature.init_mlp import on_device, teacher_on
 from optiscope.lab.init_check import InitCheckConfig, init_check, limit_threads, model_factory
 from optiscope.lab.store import RunStore
 from optiscope.metrics.verdicts import all_of, direction_claim
@@ -50,8 +51,10 @@ class ArchInitConfig(Config):
     n_probes: int = 3
     exact_max_dim: int = 600
     conv_hessian: bool = False
+    device: str = "cpu"   # models (seeded on the CPU, then moved), data batches and Hessians
 
     def validate(self) -> None:
+        require_device(self.device)
         require(self.mlp_width >= 1, "mlp_width", self.mlp_width, ">= 1")
         for f in ("mlp_depths", "fcn_depths", "resnet_blocks"):
             v = getattr(self, f)
@@ -95,6 +98,7 @@ def run(config: ArchInitConfig, store: RunStore) -> Result:
 
 
 def _run(config: ArchInitConfig, store: RunStore) -> Result:
+    dev = experiment_device(config)
     metrics: dict = {}
     frames = []
     base = dict(seed=config.seed, n_seeds=config.n_seeds, n_samples=config.n_samples, hessian="blocks",
@@ -108,7 +112,8 @@ def _run(config: ArchInitConfig, store: RunStore) -> Result:
     for name, extra in MLP_VARIANTS.items():
         spec = "mlp:activation=relu,bias=false" + "".join(f",{k}={v}" for k, v in extra.items())
         cfg = InitCheckConfig(depths=config.mlp_depths, widths=(config.mlp_width,), **base)
-        res = init_check(model_factory(spec, init="he_uniform"), cfg, label=name, description=f"mlp {name}")
+        res = init_check(on_device(model_factory(spec, init="he_uniform"), dev), cfg,
+                         data=teacher_on(dev, config.n_samples), label=name, description=f"mlp {name}")
         frames.append(res.to_metrics(f"mlp/{name}"))
         med = res.medians("grad_norm", config.mlp_width)
         mlp[name] = {"grad_norm": med.to_dict(),
@@ -123,7 +128,7 @@ def _run(config: ArchInitConfig, store: RunStore) -> Result:
     from optiscope.zoo.data import digits
 
     ds = digits(n_train=config.n_samples, seed=config.seed, flatten=False, dtype=torch.float64)
-    X = ds.train[0]
+    X = ds.train[0].to(dev)
     fcn = {}
     for padding in ("zeros", "circular"):
         for mode in ("fixed", "growing"):
@@ -132,8 +137,8 @@ def _run(config: ArchInitConfig, store: RunStore) -> Result:
             for depth in config.fcn_depths:
                 ch = config.fcn_channels if mode == "fixed" else config.fcn_channels_per_depth * depth
                 cfg = InitCheckConfig(depths=(depth,), widths=(ch,), **conv)
-                res = init_check(model_factory(f"fcn:image_shape=[1,8,8],padding_mode={padding},bias=false",
-                                               init="he_uniform"), cfg, data=(X, X), label=key,
+                res = init_check(on_device(model_factory(f"fcn:image_shape=[1,8,8],padding_mode={padding},bias=false",
+                                                         init="he_uniform"), dev), cfg, data=(X, X), label=key,
                                  description=f"fcn {key} depth {depth}")
                 frames.append(res.to_metrics(f"fcn/{key}"))
                 s = res.summary(["grad_norm", "hess_diag_norm", "hess_offdiag_norm", "output_norm"])
@@ -148,7 +153,7 @@ def _run(config: ArchInitConfig, store: RunStore) -> Result:
     metrics["fcn"] = fcn
 
     # 3. stripped ResNet at small resolution (Fig. 7, 19)
-    Xr, yr = _fashion_small(config.n_samples, config.resolution, config.seed)
+    Xr, yr = (t.to(dev) for t in _fashion_small(config.n_samples, config.resolution, config.seed))
     resnet = {}
     ch = "[" + ",".join(str(c) for c in config.resnet_channels) + "]"
     for name, flags in (("stripped", ""), ("bn+residual", ",batchnorm=true,residual=true,residual_skip=2")):
@@ -161,7 +166,7 @@ def _run(config: ArchInitConfig, store: RunStore) -> Result:
             _, kw = parse_spec(spec)
             kw["stages"] = (depth,) * 4
             kw["init"] = "he_uniform"
-            return build_model(("stripped_resnet", kw), seed=seed)
+            return build_model(("stripped_resnet", kw), seed=seed).to(dev)
 
         cfg = InitCheckConfig(depths=config.resnet_blocks, widths=(1,), **conv)
         res = init_check(factory, cfg, data=(Xr, yr), loss_fn=torch.nn.functional.cross_entropy, label=name,

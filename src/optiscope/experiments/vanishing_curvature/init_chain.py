@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.lab.init_check import limit_threads
 from optiscope.lab.store import RunStore
 from optiscope.metrics.verdicts import all_of, direction_claim, negative_control_claim, tolerance_claim
@@ -52,8 +52,10 @@ class ChainConfig(Config):
     y: float = 1.0
     tolerance: float = 0.10
     control_depth_offset: int = 1
+    device: str = "cpu"   # where the chains are accumulated (weights drawn on the CPU, then moved: same draws)
 
     def validate(self) -> None:
+        require_device(self.device)
         require(self.max_depth >= 2, "max_depth", self.max_depth, ">= 2")
         require(self.n_samples >= 2000, "n_samples", self.n_samples, ">= 2000 (the paper's Fig. 2 resolution)")
         require(len(self.dists) > 0 and all(d in ("uniform", "normal") for d in self.dists), "dists", self.dists,
@@ -67,7 +69,8 @@ class ChainConfig(Config):
 
 
 def chain_monte_carlo(n_samples: int, max_depth: int, dist: str, scale: float, x: float, y: float,
-                      generator: torch.Generator, ci_sigmas: float = 3.0) -> dict[str, np.ndarray]:
+                      generator: torch.Generator, ci_sigmas: float = 3.0,
+                      device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Monte Carlo chain statistics at every depth ``1..max_depth`` (arrays of length ``max_depth``).
 
     Streams over depth: weight ``w_L`` is drawn (``n_samples`` values from ``generator``) and added to the running
@@ -79,19 +82,23 @@ def chain_monte_carlo(n_samples: int, max_depth: int, dist: str, scale: float, x
     distribution-free ``ci_sigmas`` confidence interval ``lo_<q>``/``hi_<q>`` (order statistics at
     ``1/2 -+ ci_sigmas / (2 sqrt(n))``); ``median_loss_hessian_offdiag`` (``|d2l/dw_1 dw_2|`` with the residual term)
     and ``mean_f2`` (the sample mean of ``f^2``, whose population value is ``x^2 (E w^2)^L``).
+    The weights are drawn from the CPU ``generator`` and moved to ``device``, where the chains are accumulated; the
+    quantiles are taken on the CPU (numpy).
     """
     def draw() -> torch.Tensor:
         if dist == "uniform":
-            return (torch.rand(n_samples, generator=generator, dtype=torch.float64) * 2 - 1) * scale
-        return torch.randn(n_samples, generator=generator, dtype=torch.float64) * scale
+            w = (torch.rand(n_samples, generator=generator, dtype=torch.float64) * 2 - 1) * scale
+        else:
+            w = torch.randn(n_samples, generator=generator, dtype=torch.float64) * scale
+        return w.to(device)
 
     q_lo = 0.5 - ci_sigmas / (2.0 * math.sqrt(n_samples))
     q_hi = 0.5 + ci_sigmas / (2.0 * math.sqrt(n_samples))
     out = {k: np.full(max_depth, np.nan) for k in
            [f"{p}_{q}" for p in ("median", "lo", "hi") for q in QUANTITIES] + ["median_loss_hessian_offdiag", "mean_f2"]}
     lx, sx = math.log(abs(x)), math.copysign(1.0, x)
-    cum_log = torch.zeros(n_samples, dtype=torch.float64)
-    cum_sign = torch.ones(n_samples, dtype=torch.float64)
+    cum_log = torch.zeros(n_samples, dtype=torch.float64, device=device)
+    cum_sign = torch.ones(n_samples, dtype=torch.float64, device=device)
     first: list[torch.Tensor] = []
     for i in range(max_depth):
         w = draw()
@@ -111,7 +118,7 @@ def chain_monte_carlo(n_samples: int, max_depth: int, dist: str, scale: float, x
             h12 = f / (first[0] * first[1])
             out["median_loss_hessian_offdiag"][i] = float(torch.median((g1 * g2 + (f - y) * h12).abs()))
         for q, v in logs.items():
-            qs = np.quantile(v.numpy(), [0.5, q_lo, q_hi])
+            qs = np.quantile(v.cpu().numpy(), [0.5, q_lo, q_hi])
             out[f"median_{q}"][i], out[f"lo_{q}"][i], out[f"hi_{q}"][i] = np.exp(qs)
         out["mean_f2"][i] = float(torch.exp(2 * log_f).mean())
     return out
@@ -147,7 +154,8 @@ def _run(config: ChainConfig, store: RunStore) -> Result:
     rows = []
     for k, dist in enumerate(track(config.dists, "neural chain Monte Carlo")):
         scale = moment_stabilizing_scale(2.0, dist)  # E f^2 = x^2 at every depth
-        mc = chain_monte_carlo(config.n_samples, config.max_depth, dist, scale, config.x, config.y, gen)
+        mc = chain_monte_carlo(config.n_samples, config.max_depth, dist, scale, config.x, config.y, gen,
+                               device=experiment_device(config))
         off = config.control_depth_offset
         n_max = config.max_depth + max(off, 0)
         prod_medians = [chain_product_median(n, dist, scale) for n in range(n_max + 1)]

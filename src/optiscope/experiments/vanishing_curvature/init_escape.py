@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.lab.init_check import limit_threads
 from optiscope.lab.store import RunStore
 from optiscope.metrics.verdicts import all_of, check_premises, direction_claim, tolerance_claim
@@ -65,8 +65,12 @@ class EscapeConfig(Config):
     max_iters: int = 20000
     spread_limit: float = 2.0
     growth_min: float = 10.0
+    # where the chains and the optimizer state live (jitter and noise are drawn on the CPU, then moved); the
+    # chains are tiny ([n_seeds, depth]) and checked every step, so the CPU is usually the faster choice
+    device: str = "cpu"
 
     def validate(self) -> None:
+        require_device(self.device)
         require(len(self.depths) >= 2 and all(d >= 3 for d in self.depths), "depths", self.depths,
                 "at least two depths, each >= 3")
         require(0 < self.w0 < 1, "w0", self.w0, "in (0, 1) (a small-init plateau)")
@@ -125,6 +129,7 @@ def simulate_escape(config: EscapeConfig, method: str, lrs: tuple[float, ...], n
     ``l(w_t) <= loss_fraction * l(w_0)`` (``-1``: not within ``max_iters``). Non-finite losses are recorded as
     divergence at that step (the row is frozen), never raised.
     """
+    dev = experiment_device(config)
     tracks: list[_Track] = []
     groups = []
     for lr in lrs:
@@ -134,8 +139,9 @@ def simulate_escape(config: EscapeConfig, method: str, lrs: tuple[float, ...], n
                 w = torch.full((config.n_seeds, depth), config.w0, dtype=torch.float64)
                 if config.init_jitter > 0:
                     w += config.init_jitter * torch.randn(w.shape, generator=generator, dtype=torch.float64)
-                p = torch.nn.Parameter(w)
+                p = torch.nn.Parameter(w.to(dev))
                 loss0, _ = chain_loss_and_grad(p.detach(), config.x, config.y)
+                loss0 = loss0.cpu()
                 tracks.append(_Track(label or method, method, lr, noise, depth, p, loss0,
                                      np.full(config.n_seeds, -1), np.full(config.n_seeds, -1)))
                 params.append(p)
@@ -149,16 +155,16 @@ def simulate_escape(config: EscapeConfig, method: str, lrs: tuple[float, ...], n
         with torch.no_grad():
             for tr in tracks:
                 loss, g = chain_loss_and_grad(tr.param.detach(), config.x, config.y)
-                ln = loss.numpy()
+                ln = loss.cpu().numpy()
                 open_ = (tr.escape < 0) & (tr.diverged < 0)
                 bad = ~np.isfinite(ln) & open_
                 tr.diverged[bad] = t
                 hit = np.isfinite(ln) & (ln <= config.loss_fraction * tr.loss0.numpy()) & open_
                 tr.escape[hit] = t
                 if bad.any():  # freeze diverged rows at a finite value so that the optimizer state stays finite
-                    tr.param[torch.from_numpy(bad)] = config.w0
+                    tr.param[torch.from_numpy(bad).to(dev)] = config.w0
                 open_ = (tr.escape < 0) & (tr.diverged < 0)
-                g[torch.from_numpy(~open_)] = 0.0
+                g[torch.from_numpy(~open_).to(dev)] = 0.0
                 tr.param.grad = g
                 alive = alive or bool(open_.any())
         if not alive or t == config.max_iters:
@@ -169,8 +175,8 @@ def simulate_escape(config: EscapeConfig, method: str, lrs: tuple[float, ...], n
         if method == "pgd":
             with torch.no_grad():
                 for tr in tracks:
-                    noise = tr.noise * torch.randn(tr.param.shape, generator=generator, dtype=torch.float64)
-                    active = torch.from_numpy((tr.escape < 0) & (tr.diverged < 0))
+                    noise = (tr.noise * torch.randn(tr.param.shape, generator=generator, dtype=torch.float64)).to(dev)
+                    active = torch.from_numpy((tr.escape < 0) & (tr.diverged < 0)).to(dev)
                     tr.param[active] += noise[active]
         if task is not None:
             task.advance()

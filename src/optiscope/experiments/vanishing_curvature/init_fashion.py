@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.lab import Problem, compare
 from optiscope.lab.init_check import limit_threads
 from optiscope.lab.store import RunStore
@@ -47,8 +47,10 @@ class FashionInitConfig(Config):
     momentum: float = 0.9
     eps: float = 1e-8
     gap: float = 0.10
+    device: str = "cpu"   # model, data and training (CPU init and batch orders, then moved)
 
     def validate(self) -> None:
+        require_device(self.device)
         require(self.depth >= 2, "depth", self.depth, ">= 2")
         require(self.width >= 1, "width", self.width, ">= 1")
         require(self.n_train >= self.batch_size, "n_train", self.n_train, f">= batch_size ({self.batch_size})")
@@ -91,7 +93,8 @@ def _run(config: FashionInitConfig, store: RunStore) -> Result:
     model = build_model(("mlp", {"input_dim": ds.input_dim, "output_dim": 10, "depth": config.depth + 1,
                                  "width": config.width, "activation": "relu", "init": config.init}), seed=config.seed)
     problem = Problem(model, torch.nn.CrossEntropyLoss(), train=ds.train, eval=ds.test, task="classification",
-                      probe_batch=(ds.train[0][:1024], ds.train[1][:1024]), name="fashion_mnist_deep_mlp")
+                      probe_batch=(ds.train[0][:1024], ds.train[1][:1024]), name="fashion_mnist_deep_mlp",
+                      device=experiment_device(config))
     grids = {"sgd": config.sgd_lrs, "sgdm": config.sgdm_lrs, "rmsprop": config.rmsprop_lrs, "adam": config.adam_lrs}
     optimizers = {f"{n}:lr={lr:g}": _spec(n, lr, config) for n, lrs in grids.items() for lr in lrs}
     probe_every = max(1, config.steps // config.n_evals)

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from optiscope.curvature import Hessian
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.lab.init_check import (
     InitCheckConfig,
     InitCheckResult,
@@ -67,8 +67,10 @@ class MLPInitConfig(Config):
     n_samples: int = 32
     n_probes: int = 4
     exact_max_dim: int = 1500
+    device: str = "cpu"   # models (seeded on the CPU, then moved), teacher batches and Hessians
 
     def validate(self) -> None:
+        require_device(self.device)
         require(self.width >= 2, "width", self.width, ">= 2")
         require(2 in self.grad_depths and len(self.grad_depths) >= 3, "grad_depths", self.grad_depths,
                 "at least 3 depths including 2 (the reference depth)")
@@ -102,8 +104,23 @@ def predicted_vanishing_depth(scheme: str, activation: str, width: int, threshol
             "lognormal_median_heuristic": median if gain >= 1 else expect, "c_over_m": c / width}
 
 
-def _factory(activation: str, init: str):
-    return model_factory(f"mlp:activation={activation},bias=false", init=init)
+def _factory(activation: str, init: str, device: torch.device | str = "cpu"):
+    """Bias-free MLP factory for :func:`init_check`, initialised on the CPU (seeded) and moved to ``device``."""
+    return on_device(model_factory(f"mlp:activation={activation},bias=false", init=init), device)
+
+
+def on_device(factory, device: torch.device | str):
+    """``factory(depth, width, seed)`` whose model (built and seeded on the CPU) is moved to ``device``."""
+    return lambda depth, width, seed: factory(depth, width, seed).to(device)
+
+
+def teacher_on(device: torch.device, n_samples: int, dtype: torch.dtype = torch.float64):
+    """The data argument of :func:`init_check` on ``device``: ``None`` on the CPU (its own teacher batch), elsewhere
+    the same teacher batch (:func:`teacher_batch`, seed ``10_000 + seed``, built on the CPU) moved to ``device``."""
+    if device.type == "cpu":
+        return None
+    return lambda width, seed: tuple(t.to(device) for t in teacher_batch(n_samples, width, seed=10_000 + seed,
+                                                                          dtype=dtype))
 
 
 def _slope(depths: np.ndarray, values: np.ndarray) -> float:
@@ -127,6 +144,8 @@ def run(config: MLPInitConfig, store: RunStore) -> Result:
 
 
 def _run(config: MLPInitConfig, store: RunStore) -> Result:
+    dev = experiment_device(config)
+    data = teacher_on(dev, config.n_samples)
     metrics: dict = {}
     claims: list[Claim] = []
     frames = []
@@ -139,7 +158,8 @@ def _run(config: MLPInitConfig, store: RunStore) -> Result:
     for activation, inits in (("relu", RELU_INITS), ("linear", LINEAR_INITS)):
         for init in inits:
             key = f"{activation}/{init}"
-            res = init_check(_factory(activation, init), grad_cfg, label=key, description=f"grad sweep {key}")
+            res = init_check(_factory(activation, init, dev), grad_cfg, data=data, label=key,
+                             description=f"grad sweep {key}")
             frames.append(res.to_metrics(f"grad/{key}"))
             med = res.medians("grad_norm", config.width)
             measured = res.vanishing_depth("grad_norm", config.width, config.threshold, reference_depth=2)
@@ -177,7 +197,8 @@ def _run(config: MLPInitConfig, store: RunStore) -> Result:
     mixed = {}
     for j, (activation, init) in enumerate(NARROW_CONFIGS):
         key = f"{activation}/{init}"
-        res = init_check(_factory(activation, init), narrow_cfg, label=key, description=f"narrow {key}")
+        res = init_check(_factory(activation, init, dev), narrow_cfg, data=data, label=key,
+                         description=f"narrow {key}")
         narrow[key] = res
         frames.append(res.to_metrics(f"narrow/{key}"))
         d = np.array(config.narrow_depths, dtype=float)
@@ -205,11 +226,12 @@ def _run(config: MLPInitConfig, store: RunStore) -> Result:
     fig3, ax3 = plt.subplots(figsize=(6, 4))
     dmax = max(config.narrow_depths)
     for activation, init in (("relu", "he_uniform"), ("relu", "lecun_uniform")):
-        model = _factory(activation, init)(dmax, config.narrow_width, config.seed).double()
-        batch = teacher_batch(config.n_samples, config.narrow_width, seed=10_000 + config.seed)
+        model = _factory(activation, init, dev)(dmax, config.narrow_width, config.seed).double()
+        batch = tuple(t.to(dev) for t in teacher_batch(config.n_samples, config.narrow_width,
+                                                       seed=10_000 + config.seed))
         H = Hessian(model, half_mse, batch)
         if H.numel <= config.exact_max_dim:
-            ev = torch.linalg.eigvalsh(H.dense(max_dim=config.exact_max_dim).double()).numpy()
+            ev = torch.linalg.eigvalsh(H.dense(max_dim=config.exact_max_dim).double()).cpu().numpy()
             ax3.plot(np.sort(ev), ".", ms=2, label=f"{init} (depth {dmax})")
             metrics[f"spectrum_{activation}_{init}_depth{dmax}"] = {
                 "min": float(ev[0]), "max": float(ev[-1]), "n_negative": int((ev < -1e-12 * abs(ev).max()).sum()),
@@ -226,7 +248,8 @@ def _run(config: MLPInitConfig, store: RunStore) -> Result:
         cfg = InitCheckConfig(seed=config.seed, depths=(depth,), widths=(w,), n_seeds=config.wide_seeds,
                               n_samples=config.n_samples, hessian="blocks", n_probes=config.n_probes,
                               exact_max_dim=config.exact_max_dim)
-        res = init_check(_factory("relu", "he_uniform"), cfg, label="wide", description=f"wide depth {depth}")
+        res = init_check(_factory("relu", "he_uniform", dev), cfg, data=data, label="wide",
+                         description=f"wide depth {depth}")
         frames.append(res.to_metrics("wide/relu/he_uniform"))
         s = res.summary(["grad_norm", "hess_diag_norm", "hess_offdiag_norm"])
         wide_rows += [{"depth": depth, "width": w, "quantity": r.quantity, "median": r.median} for r in s.itertuples()]
