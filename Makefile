@@ -72,9 +72,11 @@ docs: setup
 	  if not any(p.startswith('_') for p in m.name.split('.'))]))")
 	@echo "API reference: docs/api/index.html"
 
-# docs/papers.md: papers -> experiments, claims and citing functions, generated from the registry.
+# docs/papers.md: per paper every claim (src/optiscope/coverage/*.toml), the experiment that tests it and its latest
+# verdict from the results under RESULTS (highest tier, then newest), and the functions citing the paper.
+RESULTS ?= docs/results/data
 papers: setup
-	$(PY) -m optiscope.report.paper_index docs/papers.md
+	$(PY) -m optiscope.report.paper_index docs/papers.md --results $(RESULTS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
