@@ -12,5 +12,7 @@ Experiments (registered names):
 * ``deep_linear_dynamics`` (depth as a preconditioner: the end-to-end step and the singular-value dynamics,
   after Arora et al. 2018);
 * ``matrix_completion`` (deep matrix completion: depth, initialisation scale and optimizer against
-  nuclear-norm minimisation, after Arora et al. 2019).
+  nuclear-norm minimisation, after Arora et al. 2019);
+* ``deep_linear_invariances`` (Adam's invariance to rescaling the gradients, and the ratio penalty's gradients
+  staying in the span of W under GD, from the research notes).
 """
