@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optiscope.experiments.base import TIERS, ExperimentSpec, registry
+from optiscope.experiments.base import TIERS, ExperimentSpec, device_support, registry
 from optiscope.lab.pool import Pool, check_workers, run_jobs, run_jobs_inline, start_pool, stop_pool
 from optiscope.lab.store import RunStore, StoreError
 from optiscope.utils.atomic import atomic_write_json
@@ -463,7 +463,7 @@ def reproduce(out: str | Path, papers: Sequence[str] | None = None, only: Sequen
             entry = dict(exps.get(s.name) or {})
             entry.update(paper=s.paper, paper_name=names.get(s.paper, s.paper), title=s.title, preset=used)
             if s.name in device_note:
-                entry["device_note"] = f"{s.name} has no device option; it runs on CPU"
+                entry["device_note"] = f"{s.name} runs on the CPU: {device_support(s)[1]}"
             if state == "finished":
                 entry["status"] = "finished"
                 try:
