@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # One short check on a CUDA machine (under 8 minutes): the side-by-side Hessian benchmark on the GPU and one
-# full-preset experiment, with a "GPU check" section written to docs/benchmarks.md.
+# full-preset experiment run with --device, with a "GPU check" section written to docs/benchmarks.md.
 #
 #   bash benchmarks/gpu_check.sh            # uses .venv/bin/python (a CUDA build of torch) and cuda:0
-#   PYTHON=python DEVICE=cuda:1 EXPERIMENT=rmed_cnn bash benchmarks/gpu_check.sh
+#   PYTHON=python DEVICE=cuda:1 EXPERIMENT=explr_scale_invariance bash benchmarks/gpu_check.sh
 #
-# Time limits: the benchmark gets BENCH_TIMEOUT seconds (default 210), the experiment EXP_TIMEOUT (default 240);
-# a step that runs out of time is recorded as such in the section, never reported as done.
+# The experiment (default explr_equivalence: 2 x 20,000 SGD steps of three float64 BatchNorm MLPs of width 256 on
+# all 60,000 Fashion-MNIST images, every tensor on the GPU) must be one whose config has a device field
+# (`optiscope run NAME --device cuda` runs a CPU-only one on the CPU, which this check refuses to report as a GPU run).
+# Time limits: the benchmark gets BENCH_TIMEOUT seconds (default 170), the experiment EXP_TIMEOUT (default 220), the
+# NCCL check DIST_TIMEOUT (default 45), and no step may start past TOTAL_BUDGET (default 450 s, leaving the
+# section and the interpreter start-ups inside 8 minutes): each timeout is cut to what is left of the budget. A step
+# that runs out of time is recorded as such in the section, never reported as done.
 set -u
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 DEVICE=${DEVICE:-cuda}
-EXPERIMENT=${EXPERIMENT:-rmed_cnn}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-210}
-EXP_TIMEOUT=${EXP_TIMEOUT:-240}
+EXPERIMENT=${EXPERIMENT:-explr_equivalence}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}
+EXP_TIMEOUT=${EXP_TIMEOUT:-220}
+DIST_TIMEOUT=${DIST_TIMEOUT:-45}
+TOTAL_BUDGET=${TOTAL_BUDGET:-450}
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 
@@ -22,24 +29,36 @@ if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() el
        "(e.g. make setup TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126')" >&2
   exit 2
 fi
+if ! "$PYTHON" -c "import sys; from optiscope.experiments.base import get, device_support
+sys.exit(0 if device_support(get('$EXPERIMENT'))[0] else 1)"; then
+  echo "gpu_check: experiment $EXPERIMENT has no device field (it runs on the CPU only); choose another" >&2
+  exit 2
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 T0=$(date +%s)
 
+# the timeout of the next step: its own limit, cut to what is left of TOTAL_BUDGET (at least 1 s)
+limit() {
+  local left=$(( TOTAL_BUDGET - ($(date +%s) - T0) ))
+  (( left < 1 )) && left=1
+  (( $1 < left )) && echo "$1" || echo "$left"
+}
+
 # 1. side by side on the GPU (writes its own docs/benchmarks.md section "side_by_side_gpu")
-timeout "$BENCH_TIMEOUT" "$PYTHON" benchmarks/bench_side_by_side.py --device "$DEVICE" --quick \
+timeout "$(limit "$BENCH_TIMEOUT")" "$PYTHON" benchmarks/bench_side_by_side.py --device "$DEVICE" --quick \
   --sections hvp,eig,slq,memory --slq-steps 40 --json "$OUT/side_by_side.json" > "$OUT/side_by_side.log" 2>&1
 BENCH_RC=$?
 T1=$(date +%s)
 
-# 2. one full-preset experiment on the GPU
-timeout "$EXP_TIMEOUT" "$PYTHON" -m optiscope.cli.main run "$EXPERIMENT" --preset full --device "$DEVICE" \
-  --out "$OUT/$EXPERIMENT-full" --force --quiet > "$OUT/experiment.log" 2>&1
+# 2. one full-preset experiment on the GPU (its config.yaml records the device)
+timeout "$(limit "$EXP_TIMEOUT")" "$PYTHON" -m optiscope.cli.main run "$EXPERIMENT" --preset full \
+  --device "$DEVICE" --out "$OUT/$EXPERIMENT-full" --force --quiet > "$OUT/experiment.log" 2>&1
 EXP_RC=$?
 T2=$(date +%s)
 
 # 2b. the distributed Hessian on NCCL, one rank per GPU (float64 agreement with one process, HVP time)
 NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
-timeout "${DIST_TIMEOUT:-90}" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
+timeout "$(limit "$DIST_TIMEOUT")" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
   benchmarks/bench_distributed.py --backend-check nccl > "$OUT/distributed_nccl.log" 2>&1
 export DIST_RC=$? NGPU
 
@@ -82,7 +101,16 @@ dist_log = out / "distributed_nccl.log"
 if dist_log.exists():
     lines += ["NCCL check (per rank): " + "; ".join(
         ln.strip() for ln in dist_log.read_text().splitlines() if ln.startswith('{"backend"')), ""]
-res = out / f"{os.environ['EXPERIMENT']}-full" / "results.json"
+run_dir = out / f"{os.environ['EXPERIMENT']}-full"
+if (run_dir / "config.yaml").exists():
+    from optiscope.lab.store import RunStore, StoreError
+
+    try:
+        recorded = RunStore.open(run_dir).read_config().get("device")
+        lines += [f"The run's config.yaml records device = {recorded!r}.", ""]
+    except StoreError as e:
+        lines += [f"config.yaml unreadable: {e}", ""]
+res = run_dir / "results.json"
 if res.exists():
     r = json.loads(res.read_text())
     lines += ["Claims of the full-preset run:", "", "| claim | measured | holds |", "|---|---|---|"]
