@@ -138,6 +138,10 @@ def test_cli_bad_input_exits_2(fakes, tmp_path):
     assert r.exit_code == 2 and "unknown paper" in r.output and "Velikanov et al. 2023" in r.output
     r = runner.invoke(app, ["reproduce", "--workers", "0", "--out", str(tmp_path / "a")])
     assert r.exit_code == 2 and "--workers 0" in r.output
+    r = runner.invoke(app, ["reproduce", "--only", "tfake_alpha", "--device", "cuda:7", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "cuda:7" in r.output
+    r = runner.invoke(app, ["reproduce", "--only", "tfake_alpha", "--device", "tpu", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "unknown device 'tpu'" in r.output
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x.csv").write_text("1")
     r = runner.invoke(app, ["reproduce", "--only", "tfake_alpha", "--out", str(tmp_path / "busy")])

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from optiscope.cli import _output
-from optiscope.cli._common import fail
+from optiscope.cli._common import check_device, fail
 
 console = Console(soft_wrap=True)
 
@@ -160,6 +160,8 @@ def register(app: typer.Typer) -> None:
 
         if workers is not None and workers < 1:
             fail(f"--workers {workers} is invalid; use an integer >= 1")
+        if ray_address is None:  # a local pool: the device must exist here (a cluster's GPUs are checked there)
+            device = check_device(device)
         view = JobsView("reproduce", quiet=quiet or json_out)
         try:
             sel_papers, sel_only = _split(papers), _split(only)
