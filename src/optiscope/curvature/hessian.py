@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
-from optiscope.curvature._problem import LossFunction
+from optiscope.curvature._problem import LossFunction, NonFiniteLossError
 from optiscope.curvature.diagonal import (
     DiagonalBlockResult,
     DiagonalResult,
@@ -210,11 +210,33 @@ class Hessian:
         problem = (_problem if _problem is not None
                    else LossFunction.from_model(model, loss_fn, data, params, device=device))
         self._init(problem, chunk_size, memory_budget_mb, batch_mode, keep_graph)
+        self._name_model(model, problem, batch_mode)
+
+    def _name_model(self, model: nn.Module | None, problem: LossFunction, batch_mode: str) -> None:
         self._module_of = {n: n.rsplit(".", 1)[0] if "." in n else n for n in self.param_names}
         if model is not None:
             self._cache_key = (type(model).__qualname__, tuple(tuple(s) for s in self.shapes.values()),
                                tuple(_shape_signature(b) for b in (problem.batches or [])), str(self.dtype),
                                str(self.device), batch_mode)
+
+    @classmethod
+    def _prevalidated(cls, model: nn.Module, problem: LossFunction) -> Hessian:
+        """``Hessian(model, loss_fn, data)`` (default settings) for ``problem = LossFunction.from_model(model,
+        loss_fn, data)``, without the validating forward pass: for a caller that has validated this model, loss and
+        data before (a training loop's earlier checkpoint, with the same parameter names, shapes, dtypes, device
+        and module modes) and knows that only the parameter values changed.
+
+        What new values can change is only whether the loss is finite. The loss value, and that check (raising
+        :class:`NonFiniteLossError`), come from the first gradient-graph build of a one-batch problem, which runs
+        the same forward pass anyway; any other first use (``loss``, ``gradient``, the diagonal, the torch.func
+        modes, several batches) evaluates :meth:`LossFunction.value` first, so failures are reported as by the
+        constructor."""
+        if cls is not Hessian:
+            raise TypeError(f"{cls.__name__} has no unvalidated constructor")
+        H = super().__new__(cls)
+        H._init(problem, None, 512.0, "double-backward", None, validate=False)
+        H._name_model(model, problem, "double-backward")
+        return H
 
     @classmethod
     def from_function(cls, f: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor],
@@ -239,7 +261,7 @@ class Hessian:
         return DistributedHessian(model, loss_fn, data, process_group=process_group, **kwargs)
 
     def _init(self, problem: LossFunction, chunk_size: int | None, memory_budget_mb: float,
-              batch_mode: str, keep_graph: bool | None = None) -> None:
+              batch_mode: str, keep_graph: bool | None = None, validate: bool = True) -> None:
         if batch_mode not in BATCH_MODES:
             raise ValueError(f"batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
         if keep_graph not in (None, True, False):
@@ -278,8 +300,15 @@ class Hessian:
         self._once = None  # a graph built while planning that is too large to keep: used by one call
         self.n_graph_builds = 0
         self._cache_key: tuple = ("function", id(problem))
-        self._loss_value = problem.value()  # validates: scalar and finite, data accepted by the model
+        # validates: scalar and finite, data accepted by the model; without ``validate`` (``_prevalidated``) the
+        # value is taken from the first gradient-graph build, or evaluated by ``_validate`` when first needed
+        self._loss_value: float | None = problem.value() if validate else None
         self._module_of: dict[str, str] = {n: n for n in self.param_names}
+
+    def _validate(self) -> None:
+        """Evaluate (and validate) the loss if :meth:`_prevalidated` deferred it."""
+        if self._loss_value is None:
+            self._loss_value = self._problem.value()
 
     # ---------------------------------------------------------------------------------------------- lifetime
     def release(self) -> None:
@@ -302,10 +331,12 @@ class Hessian:
     # ---------------------------------------------------------------------------------------------- basics
     def loss(self) -> float:
         """``L(theta)`` (the exact mean over all batches)."""
+        self._validate()
         return self._loss_value
 
     def gradient(self) -> dict[str, Tensor]:
         """``nabla L(theta)`` as a parameter dict."""
+        self._validate()
         out = {n: torch.zeros_like(p) for n, p in self.params.items()}
         with self._problem.context():
             for i, (w, term) in enumerate(self._problem.terms):
@@ -472,9 +503,12 @@ class Hessian:
     def _apply(self, V: dict[str, Tensor], batched: bool) -> dict[str, Tensor]:
         """``H V`` (``V`` one vector, or ``[B, ...]`` when ``batched``) by double backward, else torch.func."""
         if self._graph_ok:
+            if len(self._problem.terms) > 1:
+                self._validate()  # a one-batch graph build validates the loss itself (_build_graph)
             out = self._apply_graphs(V, batched)
             if out is not None:
                 return out
+        self._validate()
         self._resolve_mode()
         with self._problem.context():
             if not batched:
@@ -502,6 +536,11 @@ class Hessian:
                 li = self._problem.check_term(i, term(leaves))
                 li = li if len(self._problem.terms) == 1 else w * li
                 loss = li if loss is None else loss + li
+            if self._loss_value is None and len(self._problem.terms) == 1:  # deferred by _prevalidated
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(f"the loss is not finite ({value}) at the given parameters (batch 0)")
+                self._loss_value = value
             grads = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=True, allow_unused=True)
         self.n_graph_builds += 1
         if any(g is not None and not g.requires_grad for g in grads):
@@ -736,6 +775,7 @@ class Hessian:
         columns for the rest), ``"structured"`` (ValueError naming a parameter it cannot handle), ``"layer-hvp"``
         or ``"hvp"`` (one full HVP column per index). ``result.method[name]`` says which produced each parameter;
         see :mod:`optiscope.curvature.diagonal`."""
+        self._validate()
         return exact_diagonal(self, self._check_coords(coords), method=method)
 
     def diagonal_block(self, coords: Mapping[str, Any]) -> DiagonalBlockResult:
@@ -744,6 +784,7 @@ class Hessian:
 
         Needed for the diagonal-domination ratio of Jiang et al. 2023, App. E (see ``metrics.diagonal_dominance``).
         """
+        self._validate()
         return exact_diagonal_block(self, self._check_coords(coords))
 
     def diagonal_estimate(self, n_probes: int = 100, seed: int = 0) -> DiagonalEstimate:

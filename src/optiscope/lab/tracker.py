@@ -27,6 +27,10 @@ checkpoints a call costs a comparison (and one parameter copy on the step before
 * **Purity**: probes run under :func:`optiscope.lab.probes.probe_guard` (plus the CUDA RNG of the model's device):
   parameters, ``.grad``, buffers (BatchNorm running statistics), module modes and the RNG streams are bit-identical
   before and after a measurement; probes only read the optimizer's state.
+* **Cost**: a checkpoint's Hessian probes share one :class:`optiscope.Hessian` at the current parameters. Its
+  validating forward pass (the data are accepted, the loss is a finite scalar) runs once per model structure
+  (parameter names, dtypes, devices, shapes and storage; module modes); later checkpoints take the loss and its
+  finiteness check from the gradient-graph build, so a diverged loss is still recorded (``diverged``).
 * **Store** (``store="runs/x"``): the lab's run directory (:class:`optiscope.lab.RunStore`): tidy
   ``metrics.parquet`` (``run, optimizer, step, metric, layer, value``), ``manifest.json`` (status, timings, notes),
   ``config.yaml``, arrays; ``optiscope show DIR`` and ``optiscope plot DIR`` work on it. Each checkpoint's rows are
@@ -186,6 +190,19 @@ class _DistributedProbeState(ProbeState):
         return self.scratch["gradient"]
 
 
+class _TrackerProbeState(ProbeState):
+    """A checkpoint's state whose Hessian comes from the tracker (:meth:`Tracker._checkpoint_hessian`: validated
+    once per model structure, not at every checkpoint)."""
+
+    make_hessian: Any = None
+
+    def hessian(self):
+        """The Hessian of the loss on the probe data at the current parameters (built once per checkpoint)."""
+        if "hessian" not in self.scratch:
+            self.scratch["hessian"] = self.make_hessian()
+        return self.scratch["hessian"]
+
+
 class Tracker:
     """Probes on a schedule inside any training loop (module docstring).
 
@@ -289,6 +306,7 @@ class Tracker:
         self.notes: list[str] = []
         self._notes_written: set[str] = set()
         self._cache: dict = {}
+        self._validated: tuple | None = None  # the model structure the probe loss was last validated for
         self._arrays: dict[str, dict[int, np.ndarray]] = {}
         self._memory: list[dict] = []
         self._last_step: int | None = None
@@ -498,6 +516,34 @@ class Tracker:
             for n, m in self.model.named_modules():
                 m.training = modes.get(n, m.training)
 
+    def _structure(self) -> tuple:
+        """What the validation of the probe loss depends on besides the parameter values: each parameter's name,
+        ``requires_grad``, dtype, device, shape and storage, each buffer's name, dtype, device and shape, and each
+        module's identity and mode."""
+        m = self.model
+        return (tuple((n, p.requires_grad, p.dtype, p.device, tuple(p.shape), p.data_ptr())
+                      for n, p in m.named_parameters()),
+                tuple((n, b.dtype, b.device, tuple(b.shape)) for n, b in m.named_buffers()),
+                tuple((id(mod), mod.training) for mod in m.modules()))
+
+    def _checkpoint_hessian(self):
+        """The Hessian of the loss on the probe data at the current parameters.
+
+        Equal to ``Hessian(model, loss_fn, probe_data)``, which validates the problem with one forward pass (the
+        data are accepted, the loss is a finite scalar). That validation is run once per model structure
+        (:meth:`_structure`); at later checkpoints only the parameter values have changed, and the Hessian takes
+        the loss and its finiteness check from its gradient-graph build instead (``Hessian._prevalidated``)."""
+        from optiscope.curvature import Hessian
+        from optiscope.curvature._problem import LossFunction
+
+        problem = LossFunction.from_model(self.model, self.problem.loss_fn, self.problem.probe_batch)
+        structure = self._structure()
+        if structure == self._validated:
+            return Hessian._prevalidated(self.model, problem)
+        H = Hessian(self.model, self.problem.loss_fn, self.problem.probe_batch, _problem=problem)
+        self._validated = structure
+        return H
+
     def measure(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
         """Run every probe now (whatever the schedule), store and log the rows; return the flat metrics."""
         if self._closed:
@@ -516,11 +562,13 @@ class Tracker:
             last_update = {n: named[n].detach() - old for n, old in self._prev[1].items()
                            if n in self.problem.param_names}
         self._prev = None
-        state = (ProbeState if not self.distributed else _DistributedProbeState)(
+        state = (_TrackerProbeState if not self.distributed else _DistributedProbeState)(
             step=step, model=self.model, optimizer=optimizer, problem=self.problem, run_name=self.name,
             seed=self.seed, cache=self._cache, last_update=last_update)
         if self.distributed:
             state.process_group = self.process_group
+        else:
+            state.make_hessian = self._checkpoint_hessian
         t0 = time.perf_counter()
         rows: list[dict] = []
         arrays_before = {m: len(v) for m, v in self._arrays.items()}
