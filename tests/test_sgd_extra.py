@@ -216,6 +216,9 @@ def test_mode_decay_rate_by_hand():
     assert rate == pytest.approx(math.log(0.8), rel=0.02) and snr > 5 and ci[0] <= rate <= ci[1]
     rate, _, _ = nm.mode_decay_rate(p, 0.5, 20)            # crosses the limit: no rate
     assert math.isnan(rate)
+    # rho = 10.5 at 512 runs: excess 0.95 C_inf over a standard error 0.0625 x 1.95 C_inf
+    assert nm.expected_excess_snr(10.5, 512) == pytest.approx(0.95 / (0.0625 * 1.95))
+    assert nm.expected_excess_snr(0.5, 512) == 0.0
 
 
 def test_noise_models_tiny(tmp_path):
@@ -229,7 +232,7 @@ def test_noise_models_tiny(tmp_path):
 
 
 def test_noise_model_verdicts_can_fail():
-    cfg = nm.NoiseModelsConfig()
+    cfg = nm.NoiseModelsConfig(n_runs=2048)
     rate = {"mode": 0, "rate": -0.5, "rate_ci": (-0.55, -0.45), "ratio_to_noiseless": 0.5, "ratio_ci": [0.45, 0.55],
             "exact_rate": -1.0, "start_over_limit": 100.0}
     add = [{"strength": s, "curve_median_rel_error": 0.3, "plateau_mean": 2.0, "plateau_ci": [1.9, 2.1],
