@@ -10,6 +10,12 @@ Experiments (registered names):
   Thm. 3.1);
 * ``adam_trajectory_closeness`` (full-batch Adam against the first- and second-order flows, Fig. 3);
 * ``adam_one_norm_sweeps`` (perturbed one-norm and test accuracy under :math:`\\beta` sweeps, Fig. 4-6).
+* ``adam_eps_regimes`` (the sign of the implicit bias in the small- and large-eps regimes, over eps, Eq. 4-7,
+  Table 1);
+* ``adam_rmsprop_variants`` (RMSProp and eps outside the square root: modified equations and (anti-)penalisation,
+  App. B-E, Remark 1.2);
+* ``adam_minibatch_flow`` (mini-batch Adam against the mini-batch and full-batch modified flows, Thm. 3.1);
+* ``adam_one_norm_cnn`` (the one-norm hill and the beta orderings on a CNN, Fig. 6-8).
 
 :mod:`.common` holds the shared bilinear problem and trajectory distances.
 """

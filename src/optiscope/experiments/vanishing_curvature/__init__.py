@@ -12,4 +12,7 @@ Experiments (registered names):
 * ``init_escape`` (plateau escape on the neural chain: GD, perturbed GD, RMSprop, Fig. 3, 23-25);
 * ``init_fashion`` (a deep narrow ReLU MLP on Fashion-MNIST: SGD and momentum against RMSprop and Adam, Fig.
   5).
+* ``init_variance`` (median forward signal vs width and depth, the variance keeping it at one, orthogonal init,
+  linear vs ReLU, Fig. 14, 20, 22);
+* ``init_deep_resnet`` (a deep stripped ResNet: RMSprop trains it, SGD does not, Fig. 8).
 """
