@@ -34,7 +34,7 @@ class AdagradInitConfig(rc.LMConfig):
 
     dists: tuple[str, ...] = ("uniform", "normal")
     gains: tuple[float, ...] = (0.5, 1.0, 2.0)
-    sgd_lrs: tuple[float, ...] = (0.3, 1.0, 3.0)
+    sgd_lrs: tuple[float, ...] = (0.1, 0.3, 1.0)
     adagrad_lrs: tuple[float, ...] = (1e-2,)
 
     def validate(self) -> None:
@@ -53,12 +53,12 @@ class AdagradInitConfig(rc.LMConfig):
 
 
 QUICK = AdagradInitConfig(seq_len=32, n_train=2048, probe_size=16, d_model=32, n_layers=1, n_heads=4, steps=150,
-                          batch_size=256, gains=(1.0,), sgd_lrs=(0.3, 1.0, 3.0), adagrad_lrs=(1e-2,), repeats=2,
-                          n_checkpoints=1, per_layer=100, max_widen=0)
+                          batch_size=256, gains=(1.0,), sgd_lrs=(0.1, 0.3, 1.0), adagrad_lrs=(1e-2,), repeats=2,
+                          n_checkpoints=1, per_layer=100, max_widen=1)
 MEDIUM = dataclasses.replace(QUICK, steps=400, gains=(0.5, 1.0, 2.0), adagrad_lrs=(3e-3, 1e-2, 3e-2), repeats=3,
-                             n_checkpoints=2, per_layer=200, max_widen=1)
+                             n_checkpoints=2, per_layer=200, max_widen=2)
 FULL = AdagradInitConfig(seq_len=64, n_train=20000, probe_size=512, d_model=128, n_layers=4, n_heads=4, steps=1800,
-                         batch_size=512, gains=(0.5, 1.0, 2.0), sgd_lrs=(0.1, 0.3, 1.0, 3.0),
+                         batch_size=512, gains=(0.5, 1.0, 2.0), sgd_lrs=(0.03, 0.1, 0.3, 1.0, 3.0),
                          adagrad_lrs=(3e-3, 1e-2, 3e-2), repeats=8, n_checkpoints=10, device="auto")
 
 

@@ -6,8 +6,11 @@ Li 2023, §3.1).
 on one layer. We observed that setting the gain as a large constant (e.g. 800) results in extremely large [values]",
 which makes global worst-case convergence bounds vacuous. The paper's numbers are not in its recoverable text.
 
-Here: the causal ``TinyTransformer`` on byte-level ``fortunes`` (its Hessian on ``probe_size`` sequences, float64),
-every weight matrix except the embeddings re-drawn by Xavier uniform or normal with gain ``base_gain`` (PyTorch's
+Here: a causal transformer language model on byte-level ``fortunes`` (its Hessian on ``probe_size`` sequences,
+float64): ``arch = "post_norm"`` (default) is the layout of the PyTorch tutorial model the paper names
+(:class:`PostNormLM`: embedding times sqrt(d_model), sinusoidal positions, post-norm ReLU encoder layers, linear
+decoder, no final LayerNorm), ``"pre_norm"`` the zoo's ``TinyTransformer`` (pre-norm GELU layers, final LayerNorm).
+Every weight matrix except the embeddings is re-drawn by Xavier uniform or normal with gain ``base_gain`` (PyTorch's
 default 1) or ``large_gain`` (800), ``repeats`` independent draws. For every weight matrix whose Hessian block
 :math:`H_{\\ell\\ell}` has at most ``max_dim`` entries, the exact block (one HVP per entry) gives the smoothness
 :math:`\\lambda_{\\max}` and the condition number :math:`\\lambda_{\\max} / \\lambda_{\\min}^{+}` (smallest eigenvalue
@@ -17,7 +20,7 @@ Claims, per init distribution: the median over layers of :math:`\\log_{10}(\\tex
 at base gain})` (same draw seed) has a Student-t 95% CI above :math:`\\log_{10}` ``huge_factor`` (default 100: "huge"
 read as at least two orders of magnitude; a judging rule, not a number from the paper). Negative control: two
 independent draws at the base gain must not differ by a "huge" factor: the CI of the median over layers of
-:math:`|\\log_{10}` ratio| lies within ``[0, log10(huge_factor) / 2]``.
+:math:`|\\log_{10}` ratio| lies below ``log10(huge_factor) / 2``.
 """
 
 from __future__ import annotations
@@ -28,14 +31,51 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
 from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.experiments.diagonal_uniformity import _extra as x
-from optiscope.metrics.verdicts import direction_claim, mean_ci, tolerance_claim
+from optiscope.metrics.verdicts import direction_claim, mean_ci
 from optiscope.utils.config import Config, require
 from optiscope.utils.progress import progress_task
 
 QUANTITIES = ("top", "condition")
+ARCHS = ("post_norm", "pre_norm")
+
+
+class PostNormLM(torch.nn.Module):
+    """The layout of the PyTorch transformer tutorial's language model (Jiang et al. 2023, §3.1 and App. A.1 name it):
+    ``embed(x) * sqrt(d_model)`` plus sinusoidal positions, ``n_layers`` post-norm ``nn.TransformerEncoderLayer``
+    (ReLU, feed-forward ``4 d_model``, dropout 0) under a causal mask, and a linear decoder ``head`` (no final
+    LayerNorm). Embedding and decoder weights ``U[-0.1, 0.1]``, decoder bias 0 (the tutorial's ``init_weights``),
+    the rest PyTorch's defaults, all drawn under ``torch.manual_seed(seed)`` in a forked RNG. Output: logits
+    ``(batch, T, vocab)``."""
+
+    def __init__(self, vocab: int, seq_len: int, d_model: int, n_heads: int, n_layers: int, seed: int = 0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            self.embed = torch.nn.Embedding(vocab, d_model)
+            layer = torch.nn.TransformerEncoderLayer(d_model, n_heads, 4 * d_model, dropout=0.0, batch_first=True)
+            self.encoder = torch.nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(d_model, vocab)
+            torch.nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+            torch.nn.init.uniform_(self.head.weight, -0.1, 0.1)
+            torch.nn.init.zeros_(self.head.bias)
+        pos = torch.arange(seq_len, dtype=torch.float64)[:, None]
+        div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(seq_len, d_model, dtype=torch.float64)
+        pe[:, 0::2] = torch.sin(pos * div)
+        pe[:, 1::2] = torch.cos(pos * div)[:, : d_model // 2]
+        self.register_buffer("pe", pe.float())
+        self.d_model = d_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of every next token: ``(batch, T) -> (batch, T, vocab)``."""
+        T = x.shape[1]
+        h = self.embed(x) * math.sqrt(self.d_model) + self.pe[:T].to(self.embed.weight.dtype)
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(T, dtype=h.dtype, device=h.device)
+        return self.head(self.encoder(h, mask=mask, is_causal=True))
 
 
 @dataclass(frozen=True)
@@ -43,6 +83,7 @@ class InitGainConfig(Config):
     """Model, data, gains, init distributions and judging rule of the §3.1 check (see the module docstring)."""
 
     seed: int = 0
+    arch: str = "post_norm"
     seq_len: int = 16
     probe_size: int = 32
     d_model: int = 16
@@ -60,6 +101,7 @@ class InitGainConfig(Config):
     device: str = "cpu"
 
     def validate(self) -> None:
+        require(self.arch in ARCHS, "arch", self.arch, f"one of {ARCHS}")
         for f in ("seq_len", "probe_size", "d_model", "n_heads", "n_layers", "max_dim"):
             require(getattr(self, f) >= 1, f, getattr(self, f), ">= 1")
         require(self.d_model % self.n_heads == 0, "d_model", self.d_model, f"a multiple of n_heads={self.n_heads}")
@@ -75,23 +117,25 @@ class InitGainConfig(Config):
         require_device(self.device)
 
 
-QUICK = InitGainConfig(repeats=3)
-MEDIUM = InitGainConfig(d_model=24, n_heads=2, seq_len=32, probe_size=64, extra_gains=(10.0, 100.0), repeats=6,
-                        max_dim=2400)
+QUICK = InitGainConfig(d_model=8, n_heads=2, repeats=3)
+MEDIUM = InitGainConfig(d_model=16, n_heads=2, extra_gains=(10.0, 100.0), repeats=6)
 FULL = InitGainConfig(d_model=64, n_heads=4, n_layers=2, seq_len=64, probe_size=256, extra_gains=(10.0, 100.0),
                       repeats=10, max_dim=20000, device="auto")
 
 
 def build(cfg: InitGainConfig, dist: str, gain: float, draw: int):
-    """``(model, loss_fn, batch, re-drawn names)``: the float64 ``TinyTransformer`` (causal LM) with its weight
+    """``(model, loss_fn, batch, re-drawn names)``: the float64 model of ``cfg.arch`` (causal LM) with its weight
     matrices re-drawn by :func:`_extra.reinit_weights_` (seed ``draw``), and the first ``probe_size`` training
     sequences of ``fortunes`` on ``cfg.device``."""
     from optiscope.zoo.data import default_loss, fortunes
     from optiscope.zoo.models import TinyTransformer
 
     ds = fortunes(seq_len=cfg.seq_len, n_train=cfg.probe_size, n_test=16, seed=cfg.seed)
-    model = TinyTransformer(n_outputs=ds.n_classes, seq_len=cfg.seq_len, vocab_size=256, d_model=cfg.d_model,
-                            n_heads=cfg.n_heads, n_layers=cfg.n_layers, causal=True, seed=cfg.seed + draw)
+    if cfg.arch == "pre_norm":
+        model = TinyTransformer(n_outputs=ds.n_classes, seq_len=cfg.seq_len, vocab_size=256, d_model=cfg.d_model,
+                                n_heads=cfg.n_heads, n_layers=cfg.n_layers, causal=True, seed=cfg.seed + draw)
+    else:
+        model = PostNormLM(ds.n_classes, cfg.seq_len, cfg.d_model, cfg.n_heads, cfg.n_layers, seed=cfg.seed + draw)
     names = x.reinit_weights_(model, dist, gain, seed=1_000 * cfg.seed + draw)
     dev = experiment_device(cfg)
     X, y = ds.train
@@ -148,8 +192,8 @@ def per_draw_log_ratio(df: pd.DataFrame, dist: str, q: str, gain_a: float, gain_
 
 def gain_claims(df: pd.DataFrame, cfg: InitGainConfig) -> list[Claim]:
     """Per init distribution: smoothness and condition number huge at the large gain (direction claims on the
-    per-draw median log ratio against ``log10(huge_factor)``) and the same-gain control (equivalence within
-    ``[-log10(huge)/2, log10(huge)/2]``)."""
+    per-draw median log ratio against ``log10(huge_factor)``) and the same-gain control (upper CI bound of the
+    per-draw median |log10 ratio| below ``log10(huge) / 2``)."""
     thr = math.log10(cfg.huge_factor)
     R = cfg.repeats
     claims = []
@@ -178,10 +222,11 @@ def gain_claims(df: pd.DataFrame, cfg: InitGainConfig) -> list[Claim]:
         claims.append(Claim.judged(
             f"control_same_gain_not_huge_{dist}", f"negative control ({dist}): two independent draws at gain "
             f"{cfg.base_gain:g} differ in smoothness by far less than the 'huge' factor: the CI of the median over "
-            f"layers of |log10 ratio| lies within [0, {thr / 2:g}]", "the factor is due to the gain, not to the draw",
+            f"layers of |log10 ratio| (Student-t 95%) lies below {thr / 2:g}",
+            "the factor is due to the gain, not to the draw",
             {"median_abs_log10_ratio_mean": x.jsonable(m), "ci95": [x.jsonable(lo), x.jsonable(hi)],
-             "tolerance": thr / 2, "pairs": int(np.isfinite(ctrl).sum())},
-            tolerance_claim(m, thr / 4, abs_tol=thr / 4, ci=(lo, hi), premises=premises)))
+             "threshold_log10": thr / 2, "pairs": int(np.isfinite(ctrl).sum())},
+            direction_claim((lo, hi), null=thr / 2, direction="less", estimate=m, premises=premises)))
     return claims
 
 
@@ -198,7 +243,8 @@ def run(config: InitGainConfig, store) -> Result:
                                 var_name="metric").assign(run=lambda d: d["dist"] + "/g" + d["gain"].astype(str)
                                                           + "/d" + d["draw"].astype(str), step=0, optimizer="none"))
     _figure(store, df)
-    table = (df.groupby(["dist", "gain", "layer"])[["top", "condition", "n_below", "loss"]].median().reset_index())
+    table = (df.groupby(["dist", "gain", "layer"])[["top", "bottom", "condition", "n_below", "loss"]].median()
+             .reset_index())
     return Result(claims=claims, metrics={
         "per_layer_median_over_draws": table.to_dict(orient="records"), "gains": sorted(df["gain"].unique().tolist()),
         "layers": sorted(df["layer"].unique().tolist()), "seconds": time.perf_counter() - t0})
