@@ -62,7 +62,7 @@ def test_full_batch_gd_equals_the_spectral_formula():
 
 
 def test_gd_power_law_constant_on_an_exact_power_law():
-    spec = Spectrum.power_law(1.5, 0.9, 200_000)
+    spec = Spectrum.power_law(1.5, 0.9, 20_000)
     T = 2000
     L = se_loss_curve(spec, 0.5, 0.0, 1, T, tau1=0.0, tau2=0.0).loss
     pred = bs.gd_power_law_loss(np.array([T]), 0.9 / 1.5, 1.0, 1.0, 0.5, 0.0)[0]

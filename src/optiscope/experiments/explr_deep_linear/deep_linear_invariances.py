@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.experiments.explr_deep_linear.matrix_completion import (
     end_to_end,
     gd_step_size,
@@ -110,12 +110,7 @@ class DeepLinearInvariancesConfig(Config):
                 "control_scales", self.control_scales, "non-empty, each > 0 and != 1")
         require(1 <= self.span_rank < self.size, "span_rank", self.span_rank, f"in [1, size={self.size})")
         require(self.control_margin >= 1, "control_margin", self.control_margin, ">= 1")
-        require(isinstance(self.device, str) and bool(self.device.strip()), "device", self.device,
-                "a torch device string (cpu, cuda, cuda:N)")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, ValueError) as e:
-            require(False, "device", self.device, f"a torch device string ({e})")
+        require_device(self.device)
 
 
 QUICK = DeepLinearInvariancesConfig()
@@ -262,7 +257,7 @@ def _adam_spec(config: DeepLinearInvariancesConfig, eps: float) -> tuple[str, di
 def adam_study(config: DeepLinearInvariancesConfig, task) -> dict:
     """Adam on the loss times c vs c = 1, vs the eps-equivalent run, and the linear-response prediction; GD control."""
     W_star, mask, f0 = _problem(config)
-    dev = torch.device(config.device)
+    dev = experiment_device(config)
     eps = config.adam_eps
     ref = adam_trajectory(f0, W_star, mask, 1.0, _adam_spec(config, eps), config.steps, dev)
     h = config.fd_rel * eps

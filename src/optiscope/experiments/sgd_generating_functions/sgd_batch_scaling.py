@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.experiments.sgd_generating_functions.common import ntk_problem
 from optiscope.experiments.sgd_generating_functions.sgd_stability_map import simulated_critical_lr
 from optiscope.lab.store import RunStore
@@ -63,7 +63,7 @@ class BatchScalingConfig(Config):
     ``scaling_max_fraction`` of the noiseless bound; the loss study (``loss_*``) runs at ``loss_lr_fraction`` of
     the smallest batch's critical lr; the full-batch GD study (``gd_*``) fits the loss exponent on the time window
     of the modes the power-law fit covers (at most ``gd_max_steps``); ``control_margin`` is how much worse a
-    control must be."""
+    control must be; ``device`` where the NTK is computed."""
     seed: int = 0
     dataset: str = "digits"
     n_points: int = 500                     # 0 = the whole training split
@@ -88,8 +88,11 @@ class BatchScalingConfig(Config):
     exponent_tolerance: float = 0.1
     constant_tolerance: float = 0.15
     control_margin: float = 2.0
+    # where the NTK is computed; the simulated runs and the theory (theory.sgd_sim, theory.sgd) run on the CPU
+    device: str = "cpu"
 
     def validate(self) -> None:
+        require_device(self.device)
         require(self.dataset in ("digits", "fashion_mnist"), "dataset", self.dataset, "digits or fashion_mnist")
         require(self.n_points >= 0, "n_points", self.n_points, ">= 0 (0 = the whole split)")
         require(self.width >= 1, "width", self.width, ">= 1")
@@ -170,7 +173,8 @@ def loglog_slope_interval(x: np.ndarray, y: np.ndarray, y_lo: np.ndarray, y_hi: 
           config=BatchScalingConfig, presets={"quick": QUICK, "medium": MEDIUM, "full": FULL})
 def run(config: BatchScalingConfig, store: RunStore) -> Result:
     """Velikanov et al. 2023, Prop. 3-4 and Figs. 12-14: critical lr and loss vs batch size; Fig. 1: GD power law."""
-    prob = ntk_problem(config.dataset, n_points=config.n_points or None, width=config.width, seed=config.seed)
+    prob = ntk_problem(config.dataset, n_points=config.n_points or None, width=config.width, seed=config.seed,
+                       device=experiment_device(config))
     spec, n, beta = prob.spectrum, prob.n, config.momentum
     if config.batch_sizes[-1] > n:
         raise ValueError(f"batch size {config.batch_sizes[-1]} is larger than the problem (N={n})")

@@ -189,7 +189,9 @@ def _noiseless_log_growth(spectrum: Spectrum, lr: float, momentum: float) -> flo
 
 
 @register("sgd_divergence_onset", paper="004", title="Onset and rate of divergence above the critical lr (Eq. 24)",
-          config=DivergenceOnsetConfig, presets={"quick": QUICK, "medium": MEDIUM, "full": FULL})
+          config=DivergenceOnsetConfig, presets={"quick": QUICK, "medium": MEDIUM, "full": FULL},
+          cpu_only="sampled SGD of theory.sgd_sim and the SE recursion of theory.sgd on a synthetic kernel (numpy; "
+                   "their torch runs on the CPU): no model or data of its own")
 def run(config: DivergenceOnsetConfig, store: RunStore) -> Result:
     """Velikanov et al. 2023, Eq. 24 and Fig. 3 (right): predicted onset time and growth rate vs sampled SGD."""
     K, e0, spec = torus_power_law_problem(config.n_points, config.nu, config.kappa, config.seed)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from optiscope.experiments.base import Claim, Result, register
+from optiscope.experiments.base import Claim, Result, experiment_device, register, require_device
 from optiscope.experiments.sgd_generating_functions.common import median_relative_error
 from optiscope.lab.store import RunStore
 from optiscope.metrics.verdicts import (
@@ -62,7 +62,7 @@ class NoiseModelsConfig(Config):
     for additive noise only where the expected signal-to-noise ratio of the excess at the end of the window
     (:func:`expected_excess_snr`) is at least ``mode_snr``;
     tolerances for the rates, the curves, the plateau and the SE approximation; ``control_margin`` how much worse a
-    control must be."""
+    control must be; ``device`` where the simulated runs train."""
     seed: int = 0
     n_points: int = 500
     lr_fraction: float = 0.5
@@ -81,8 +81,11 @@ class NoiseModelsConfig(Config):
     se_tolerance: float = 0.15
     zero_limit_ratio: float = 0.1
     control_margin: float = 2.0
+    # where the simulated runs train; the exact recursion and the theory are numpy on the CPU
+    device: str = "cpu"
 
     def validate(self) -> None:
+        require_device(self.device)
         require(self.n_points >= 0, "n_points", self.n_points, ">= 0 (0 = the whole training split)")
         require(0 < self.lr_fraction < 1, "lr_fraction", self.lr_fraction, "in (0, 1)")
         require(self.steps >= 20, "steps", self.steps, ">= 20")
@@ -235,30 +238,32 @@ def expected_excess_snr(start_over_limit: float, n_runs: int, decay: float = 0.1
 # ------------------------------------------------------------------------------------------------------------------
 def simulate_parameter_sgd(X: np.ndarray, w_star: np.ndarray, lr: float, steps: int, n_runs: int, seed: int,
                            batch_size: int | None = None, noise_sqrt: np.ndarray | None = None,
-                           modes: np.ndarray | None = None, mode_steps: int = 0
+                           modes: np.ndarray | None = None, mode_steps: int = 0, device: torch.device | str = "cpu"
                            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Runs of SGD without momentum on ``L(w) = (1/2N) ||X w - y||^2``, ``y = X w*``, from ``w_0 = 0`` (Velikanov et al.
     2023, Eq. 1-2 with ``beta = 0``; App. G, Eq. 242). Either mini-batch gradients (``batch_size`` b: indices drawn
     uniformly without replacement, fresh each step, ``g = X_B^T (X_B w - y_B) / b``) or the full gradient plus
-    additive Gaussian noise ``xi = noise_sqrt z``, ``z ~ N(0, I)`` (``Cov xi = noise_sqrt noise_sqrt^T``). Torch on
-    the CPU in float64, one ``torch.Generator`` seeded by ``seed``. Returns the losses, shape (n_runs, steps + 1),
+    additive Gaussian noise ``xi = noise_sqrt z``, ``z ~ N(0, I)`` (``Cov xi = noise_sqrt noise_sqrt^T``). Torch in
+    float64 on ``device``; the random numbers come from one CPU ``torch.Generator`` seeded by ``seed`` (the same
+    runs on every device). Returns the losses, shape (n_runs, steps + 1),
     and, when ``modes`` (a d x K matrix of directions, e.g. eigenvectors of H) is given, the per-run squared
     projections ``(v_k . (w_t - w*))^2`` for ``t <= mode_steps``, shape (n_runs, mode_steps + 1, K), and their run
     means at every step, shape (steps + 1, K) (else ``None, None``)."""
     if (batch_size is None) == (noise_sqrt is None):
         raise ValueError("give exactly one of batch_size (sampling noise) and noise_sqrt (additive noise)")
     g = torch.Generator().manual_seed(int(seed))
-    Xt = torch.as_tensor(np.asarray(X, dtype=np.float64))
+    dev = torch.device(device)
+    Xt = torch.as_tensor(np.asarray(X, dtype=np.float64)).to(dev)
     n, d = Xt.shape
-    ws = torch.as_tensor(np.asarray(w_star, dtype=np.float64))
+    ws = torch.as_tensor(np.asarray(w_star, dtype=np.float64)).to(dev)
     H = Xt.T @ Xt / n
-    W = torch.zeros(n_runs, d, dtype=torch.float64)
+    W = torch.zeros(n_runs, d, dtype=torch.float64, device=dev)
     out = np.empty((n_runs, steps + 1))
-    A = None if noise_sqrt is None else torch.as_tensor(np.asarray(noise_sqrt, dtype=np.float64))
+    A = None if noise_sqrt is None else torch.as_tensor(np.asarray(noise_sqrt, dtype=np.float64)).to(dev)
     if batch_size is not None and not 1 <= batch_size <= n:
         raise ValueError(f"batch_size {batch_size} must lie in [1, {n}]")
 
-    Vm = None if modes is None else torch.as_tensor(np.asarray(modes, dtype=np.float64))
+    Vm = None if modes is None else torch.as_tensor(np.asarray(modes, dtype=np.float64)).to(dev)
     ms = min(int(mode_steps), steps)
     mom = None if Vm is None else np.empty((n_runs, ms + 1, Vm.shape[1]))
     mom_mean = None if Vm is None else np.empty((steps + 1, Vm.shape[1]))
@@ -268,9 +273,9 @@ def simulate_parameter_sgd(X: np.ndarray, w_star: np.ndarray, lr: float, steps: 
         return 0.5 * ((D @ H) * D).sum(dim=1)
 
     def record(t, W):
-        out[:, t] = loss(W).numpy()
+        out[:, t] = loss(W).cpu().numpy()
         if Vm is not None:
-            sq = (((W - ws) @ Vm) ** 2).numpy()
+            sq = (((W - ws) @ Vm) ** 2).cpu().numpy()
             mom_mean[t] = sq.mean(axis=0)
             if t <= ms:
                 mom[:, t] = sq
@@ -278,9 +283,9 @@ def simulate_parameter_sgd(X: np.ndarray, w_star: np.ndarray, lr: float, steps: 
     record(0, W)
     for t in range(1, steps + 1):
         if A is not None:
-            grad = (W - ws) @ H + torch.randn(n_runs, d, generator=g, dtype=torch.float64) @ A.T
+            grad = (W - ws) @ H + torch.randn(n_runs, d, generator=g, dtype=torch.float64).to(dev) @ A.T
         else:
-            idx = torch.topk(torch.rand(n_runs, n, generator=g), batch_size, dim=1).indices
+            idx = torch.topk(torch.rand(n_runs, n, generator=g), batch_size, dim=1).indices.to(dev)
             XB = Xt[idx]                                                  # (R, b, d)
             r = torch.einsum("rbd,rd->rb", XB, W - ws)
             grad = torch.einsum("rbd,rb->rd", XB, r) / batch_size
@@ -314,6 +319,7 @@ def run(config: NoiseModelsConfig, store: RunStore) -> Result:
 
 
 def _run(config: NoiseModelsConfig, store: RunStore) -> Result:
+    dev = experiment_device(config)
     X, w_star = _problem(config)
     n, d = X.shape
     H = X.T @ X / n
@@ -351,7 +357,7 @@ def _run(config: NoiseModelsConfig, store: RunStore) -> Result:
         for i, s_ in enumerate(config.strengths):
             runs, proj, mode_mean = simulate_parameter_sgd(X, w_star, lr, T, config.n_runs, config.seed + 11 * i + 1,
                                                            noise_sqrt=math.sqrt(s_) * sqrt_match, modes=Vp,
-                                                           mode_steps=ms)
+                                                           mode_steps=ms, device=dev)
             mean = runs.mean(axis=0)
             pred = additive_noise_loss(lam, c0_modes, s_ * sig_modes, lr, T)
             lim = additive_noise_limit(lam, s_ * sig_modes, lr)
@@ -375,7 +381,7 @@ def _run(config: NoiseModelsConfig, store: RunStore) -> Result:
             task.advance()
         for j, b in enumerate(config.batch_sizes):
             runs, proj, _ = simulate_parameter_sgd(X, w_star, lr, T, config.n_runs, config.seed + 101 * j + 7,
-                                                   batch_size=b, modes=Vp, mode_steps=ms)
+                                                   batch_size=b, modes=Vp, mode_steps=ms, device=dev)
             mean = runs.mean(axis=0)
             exact, exact_modes = exact_parameter_moments(X, dw0, lr, b, T, modes=Vp)
             se = se_loss_curve(spec, lr, 0.0, b, T, dataset_size=n).loss
