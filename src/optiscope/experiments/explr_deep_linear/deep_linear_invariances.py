@@ -3,9 +3,9 @@ Effectiveness of Adam" and "Adam + Ratio"), measured on deep matrix completion.
 
 **Adam is invariant to rescaling the gradients** ("if you multiply all the gradients by some constant, it won't
 change the gradient/movement"). With the loss scaled by ``c > 0`` Adam's moments scale as ``m -> c m`` and
-``v -> c^2 v``, so the update ``m_hat / sqrt(v_hat + eps)`` (Cattaneo et al. 2024 convention, eps inside the root)
-equals the update of the unscaled loss with ``eps / c^2`` (``eps / c`` with PyTorch's eps outside the root):
-:func:`adam_equivalent_eps`. The trajectory is therefore identical up to the effect of eps. Measured on a depth-N
+``v -> c^2 v``, so the update ``m_hat / (sqrt(v_hat) + eps)`` (Kingma & Ba 2015 and PyTorch, eps outside the root:
+the default here) equals the update of the unscaled loss with ``eps / c``; with eps inside the root
+(``m_hat / sqrt(v_hat + eps)``, Cattaneo et al. 2024) it is ``eps / c^2``: :func:`adam_equivalent_eps`. The trajectory is therefore identical up to the effect of eps. Measured on a depth-N
 factorization of a low-rank matrix (the setup of Arora et al. 2019): the relative deviation of the end-to-end
 trajectory from the ``c = 1`` run against c; the exact identity with ``eps -> eps_c``; and a linear-response
 prediction of the deviation, ``|eps_c - eps| ||d W_t / d eps||`` (finite difference in eps), where it is small.
