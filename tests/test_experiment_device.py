@@ -73,7 +73,7 @@ def test_every_experiment_has_a_device_field_or_a_cpu_only_reason():
             # a CPU-only experiment builds no torch tensors itself
             assert not re.search(r"^\s*(import torch|from torch)", inspect.getsource(sys.modules[spec.fn.__module__]),
                                  re.MULTILINE), f"{name} imports torch: give it a device field instead"
-    assert set(CPU_ONLY) == {"sgd_negative_momentum", "sgd_phase_diagram"}
+    assert set(CPU_ONLY) == {"sgd_divergence_onset", "sgd_negative_momentum", "sgd_phase_diagram"}
 
 
 def test_register_refuses_a_cpu_only_reason_next_to_a_device_field():
