@@ -11,7 +11,13 @@ Experiments (registered names):
 * ``rmed_switch`` (switching from SGD to Adam, App. A.4);
 * ``rmed_cnn`` (a small CNN on Fashion-MNIST, App. A.8);
 * ``rmed_lowrank`` (low rank, singular-vector uniformity :math:`R_u`, §4.3, §6, App. A.5-A.6);
-* ``rmed_two_layer`` (Theorem 1 on a two-layer linear network).
+* ``rmed_two_layer`` (Theorem 1 on a two-layer linear network);
+* ``rmed_restart`` (SGD+M restarted from an Adam iterate and from an SGD+M iterate of the same loss, Fig. 1(a));
+* ``rmed_init_gain`` (smoothness and condition number of a transformer layer at a large init gain, §3.1);
+* ``rmed_adagrad_init`` (Adagrad vs SGD under uniform and normal inits of different gains, App. A.1);
+* ``rmed_lm_large_wd`` (Adam vs SGD+M under large weight decay, App. A.7);
+* ``rmed_hessian_structure`` (the Hessian becomes more diagonal during training, App. E Fig. 14; right singular
+  vectors, §6, App. A.5).
 
 :mod:`.common` holds their shared protocol: learning-rate tuning, the :math:`R_{\\mathrm{med}}` probe, the
 summaries and the claims built from them.
