@@ -236,7 +236,7 @@ def patterns_intersect(a: str, b: str) -> bool:
 
 def pattern_matches(pattern: str, claim_id: str) -> bool:
     """Whether an inventory pattern covers a claim id: ``fnmatch`` for a literal id; for an id template from the
-    source (with ``{...}`` parts, :func:`optiscope.report.paper_index.experiment_claim_ids`), whether some id could
+    source (with ``{...}`` parts, :func:`optiscope.report.claim_ids.experiment_claim_ids`), whether some id could
     match both (:func:`patterns_intersect`)."""
     if _TEMPLATE in claim_id:
         return patterns_intersect(pattern, claim_id)
@@ -263,10 +263,10 @@ def _results_claim_ids(results_paths: Sequence[str | Path]) -> dict[str, set[str
 
 def known_claim_ids(results_paths: Sequence[str | Path] = ()) -> dict[str, list[str]]:
     """The claim ids each registered experiment can produce: the ids in its source
-    (:func:`optiscope.report.paper_index.experiment_claim_ids`, possibly with ``{...}`` parts) and the ids in any
+    (:func:`optiscope.report.claim_ids.experiment_claim_ids`, possibly with ``{...}`` parts) and the ids in any
     results file under ``results_paths`` (e.g. ``docs/results/data``)."""
     from optiscope.experiments.base import registry
-    from optiscope.report.paper_index import experiment_claim_ids
+    from optiscope.report.claim_ids import experiment_claim_ids
 
     data = _results_claim_ids(results_paths) if results_paths else {}
     out = {}
