@@ -196,3 +196,16 @@ def test_two_layer_closed_form_hessian_is_the_population_hessian():
     dense = hessian(loss)(torch.cat([W1.reshape(-1), w2])).numpy()
     got = closed_form(W1.numpy(), w2.numpy()[None, :], TwoLayerProblem(a.numpy()[None, :]))
     np.testing.assert_allclose(got, dense, rtol=1e-10, atol=1e-12)
+
+
+def test_adaptive_config_refuses_bad_rmsprop_constants():
+    """rmsprop_beta and rmsprop_momentum are validated (they once sat after a return and never ran)."""
+    import dataclasses
+
+    from optiscope.experiments.diagonal_uniformity.rmed_adaptive import QUICK
+    from optiscope.utils.config import ConfigError
+
+    QUICK.validate()
+    for field, bad in (("rmsprop_beta", 1.5), ("rmsprop_momentum", -0.1)):
+        with pytest.raises(ConfigError, match=field):
+            dataclasses.replace(QUICK, **{field: bad}).validate()

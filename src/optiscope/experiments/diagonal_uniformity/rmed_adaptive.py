@@ -43,12 +43,12 @@ class AdaptiveConfig(rc.LMConfig):
         for f in ("adagrad_lr", "rmsprop_lr", "amsgrad_lr"):
             require(getattr(self, f) > 0, f, getattr(self, f), "> 0")
             require(all(x > 0 for x in getattr(self, f + "s")), f + "s", getattr(self, f + "s"), "positive lrs")
+        require(0 <= self.rmsprop_beta < 1, "rmsprop_beta", self.rmsprop_beta, "in [0, 1)")
+        require(0 <= self.rmsprop_momentum < 1, "rmsprop_momentum", self.rmsprop_momentum, "in [0, 1)")
 
     def grid(self, method: str) -> tuple[float, ...]:
         """The lr grid of an adaptive method: ``<method>_lrs``, or ``(<method>_lr,)`` when empty."""
         return tuple(getattr(self, f"{method}_lrs")) or (getattr(self, f"{method}_lr"),)
-        require(0 <= self.rmsprop_beta < 1, "rmsprop_beta", self.rmsprop_beta, "in [0, 1)")
-        require(0 <= self.rmsprop_momentum < 1, "rmsprop_momentum", self.rmsprop_momentum, "in [0, 1)")
 
 
 QUICK = AdaptiveConfig(seq_len=32, n_train=2048, probe_size=16, d_model=32, n_layers=1, n_heads=4, steps=200,
