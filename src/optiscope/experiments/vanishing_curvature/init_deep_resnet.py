@@ -180,7 +180,7 @@ def _ci(values):
 @register("init_deep_resnet", paper="002", title="A deep stripped ResNet: RMSprop trains it, SGD does not (Fig. 8; "
           "full preset: 500 layers, GPU)", config=DeepResNetConfig,
           presets={"quick": DeepResNetConfig(),
-                   "medium": DeepResNetConfig(stages=(16, 16, 16, 16), steps=500, n_seeds=2,
+                   "medium": DeepResNetConfig(stages=(16, 16, 16, 16), steps=500, n_seeds=3,
                                               sgd_lrs=(0.01, 0.03, 0.1, 0.3), rmsprop_lrs=(1e-5, 3e-5, 1e-4, 3e-4)),
                    "full": DeepResNetConfig(dataset="fashion_mnist", resolution=32, n_train=60000,
                                             stages=(125, 125, 124, 124), channels=(16, 32, 64, 128), steps=5000,
