@@ -1,29 +1,21 @@
 """Cattaneo et al. 2024 experiments ``adam_eps_regimes`` and ``adam_rmsprop_variants``: tiny end-to-end runs, their
 helpers against dense float64 computations and hand-computed steps, and verdicts that fail on synthetic input."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from experiment_runs import run_tiny
 
 from optiscope.experiments.adam_implicit_bias import adam_eps_regimes as er
 from optiscope.experiments.adam_implicit_bias import adam_rmsprop_variants as rv
-from optiscope.experiments.base import resolve_config, run_experiment
+from optiscope.experiments.base import resolve_config
 from optiscope.optim.flows import AdamHyper, ParamSpace, model_loss
 from optiscope.theory.adam import correction_coefficient
 from optiscope.utils.config import ConfigError
 
-
-def _run(name, tmp_path, overrides):
-    cfg = resolve_config(name, "quick", overrides)
-    run_experiment(name, out=tmp_path / name, config=cfg)
-    res = json.loads((tmp_path / name / "results.json").read_text())
-    for c in res["claims"]:
-        assert c["holds"] in (True, False, None) and c["reason"], c["id"]
-    assert list((tmp_path / name / "figures").glob("*.png"))
-    return res
+_run = run_tiny  # shared with the other experiment tests (tests/experiment_runs.py)
 
 
 def test_eps_regimes_tiny_run_produces_its_claims(tmp_path):

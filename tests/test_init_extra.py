@@ -1,27 +1,18 @@
 """Orvieto et al. 2022 experiments ``init_variance`` and ``init_deep_resnet``: tiny end-to-end runs, the exact
 layer-factor law against direct simulation, and verdicts that fail on synthetic input."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from experiment_runs import run_tiny
 
-from optiscope.experiments.base import resolve_config, run_experiment
 from optiscope.experiments.vanishing_curvature import init_deep_resnet as dr
 from optiscope.experiments.vanishing_curvature import init_variance as iv
 from optiscope.utils.config import ConfigError
 
-
-def _run(name, tmp_path, overrides):
-    cfg = resolve_config(name, "quick", overrides)
-    run_experiment(name, out=tmp_path / name, config=cfg)
-    res = json.loads((tmp_path / name / "results.json").read_text())
-    for c in res["claims"]:
-        assert c["holds"] in (True, False, None) and c["reason"], c["id"]
-    assert list((tmp_path / name / "figures").glob("*.png"))
-    return res
+_run = run_tiny  # shared with the other experiment tests (tests/experiment_runs.py)
 
 
 def test_init_variance_tiny_run_produces_its_claims(tmp_path):
